@@ -1,0 +1,57 @@
+"""`lorakit SUBCOMMAND`: parse flags, call one library function. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorakit.errors import LorakitError
+
+
+def _params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="trainable/total parameters and training memory, from config.json alone")
+    p.add_argument("config", nargs="?", help="YAML run config (its model and lora sections are used)")
+    p.add_argument("--model", help="model folder, config.json path, or hub id")
+    p.add_argument("--r", help="LoRA rank")
+    p.add_argument("--target", help="comma list of module names, a regex, or all-linear")
+    p.add_argument("--quantization", help="none, int8 or nf4: the frozen base's storage for QLoRA")
+    p.add_argument("--batch-size", dest="batch_size", default=None, help="batch size for the activation estimate")
+    p.add_argument("--seq-len", dest="seq_len", default=None, help="sequence length for the activation estimate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.params import params_command
+
+        return params_command(a)
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_params]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA: data -> adapter -> merge -> serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""One tree of typed dataclasses: loaded from YAML, overridden by CLI flags, saved with each run.
+
+Each option is declared once, as a dataclass field. Its CLI flag is derived from the field name
+(``--batch-size`` for ``batch_size``) unless ``metadata["flag"]`` names another, and its help text is
+``metadata["help"]``. A YAML file uses the same tree (``lora: {r: 8}``) or, for convenience, the flat
+flag names at top level (``r: 8``, ``lr: 1e-4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from lorakit.errors import LorakitError
+
+
+def _opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+INIT_METHODS = ("kaiming", "gaussian", "pissa")
+QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA update W' = W + scaling·B·A (Hu et al. 2021, §4.1).
+
+    scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+    ``target_modules``: a list of module names (suffix match, as PEFT), a regex string
+    (full match on the module path, as PEFT), or ``"all-linear"`` (every linear layer but the output head).
+    """
+
+    r: int = _opt(8, "LoRA rank r")
+    alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r")
+    dropout: float = _opt(0.0, "dropout on the LoRA path's input")
+    target_modules: Union[list[str], str] = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")
+    exclude_modules: list[str] = _opt([], "comma list of module names to leave alone", flag="--exclude")
+    rslora: bool = _opt(False, "scale by alpha/sqrt(r) (rsLoRA)")
+    init: str = _opt("kaiming", "kaiming (B=0: a no-op), gaussian, or pissa")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and "," in self.target_modules:
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = [t.strip() for t in self.exclude_modules.split(",") if t.strip()]
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LorakitError(f"lora.r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise LorakitError(f"lora.alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INIT_METHODS:
+            raise LorakitError(f"lora.init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _opt("examples/base-model", "local folder or hub id of the base model", flag="--model")
+    dtype: str = _opt("auto", "weights dtype: auto (bf16 where supported), bfloat16, float16, float32")
+    quantization: str = _opt("none", "frozen base: none, int8 or nf4 (QLoRA)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise LorakitError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise LorakitError(f"model.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    train: str = _opt("", "training data: JSON array or JSONL", flag="--data")
+    val: str = _opt("", "validation data (JSON/JSONL); else a fraction of --data", flag="--val-data")
+    val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation when --val-data is absent")
+    format: str = _opt("auto", "auto, alpaca, chat, prompt_completion or text")
+    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
+    train_on_prompt: bool = _opt(False, "also compute the loss on prompt tokens")
+    packing: bool = _opt(False, "pack several examples into each sequence")
+
+
+@dataclass
+class TrainConfig:
+    output: str = _opt("runs/default", "output folder")
+    method: str = _opt("lora", "lora, or full (train every weight: the baseline)")
+    max_steps: int = _opt(0, "optimizer steps (0: derive from --epochs)")
+    epochs: float = _opt(1.0, "passes over the training data when --max-steps is 0")
+    lr: float = _opt(2e-4, "peak learning rate")
+    schedule: str = _opt("cosine", "cosine or linear decay after warmup")
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    batch_size: int = _opt(8, "examples per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    bf16: bool = _opt(True, "bf16 autocast (CPU and CUDA)")
+    save_every: int = _opt(0, "write checkpoints/step-N every N steps (0: off)")
+    keep_last: int = _opt(2, "checkpoints to keep")
+    eval_every: int = _opt(0, "evaluate on validation data every N steps (0: at the end only)")
+    patience: int = _opt(0, "early stopping: evals without validation-loss improvement (0: off)")
+    log_every: int = _opt(1, "write a metrics.jsonl record every N steps")
+    seed: int = _opt(0, "random seed (data order, init, dropout)")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")
+    overwrite: bool = _opt(False, "replace a non-empty --output")
+    threads: int = _opt(0, "torch CPU threads (0: the cores this process may use)")
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise LorakitError(f"--method must be lora or full, got {self.method!r}")
+        if self.schedule not in ("cosine", "linear"):
+            raise LorakitError(f"--schedule must be cosine or linear, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """The whole tree; ``OUTPUT/config.yaml`` holds it resolved."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- generic machinery: flags, YAML, validation -------------------------------------------------
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _sections(cls: type) -> list[tuple[str, type]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _leaf_fields(root: type = RunConfig) -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """flag name (without dashes) -> (section, field, type)."""
+    out = {}
+    for section, scls in _sections(root):
+        hints = typing.get_type_hints(scls)
+        for f in dataclasses.fields(scls):
+            out[_flag(f)[2:]] = (section, f, hints[f.name])
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the field type ``tp``; strings from the CLI are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if isinstance(value, str) and str in args and "," not in value:
+            return value
+        for a in args:
+            if a is str:
+                continue
+            try:
+                return _coerce(value, a, where)
+            except LorakitError:
+                pass
+        if str in args and isinstance(value, str):
+            return value
+        raise LorakitError(f"{where}: expected {tp}, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise LorakitError(f"{where}: expected a list of strings, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise LorakitError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise LorakitError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise LorakitError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise LorakitError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise LorakitError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """Add one flag per config field (all sections, or the named ones). Defaults are None so that
+    only flags the user typed override the YAML."""
+    for name, (section, f, tp) in _leaf_fields().items():
+        if sections is not None and section not in sections:
+            continue
+        if tp is bool:
+            parser.add_argument("--" + name, dest=name, action="store_const", const=True, default=None,
+                                help=f.metadata.get("help"))
+        else:
+            parser.add_argument("--" + name, dest=name, default=None, metavar=name.upper().replace("-", "_"),
+                                help=f.metadata.get("help"))
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**values)
+    except TypeError as e:  # unknown keys are caught earlier; this is a safety net
+        raise LorakitError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional) + flag overrides (``{"lr": "1e-4"}``, ``None`` = not given) -> RunConfig."""
+    leaves = _leaf_fields()
+    by_section: dict[str, dict[str, Any]] = {s: {} for s, _ in _sections(RunConfig)}
+    sections = dict(_sections(RunConfig))
+
+    def put(key: str, value: Any, where: str) -> None:
+        section, f, tp = leaves[key]
+        by_section[section][f.name] = _coerce(value, tp, where)
+
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise LorakitError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise LorakitError(f"{p}:{(line or 0) + 1}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise LorakitError(f"{p}: expected a mapping of config keys at top level")
+        for key, value in raw.items():
+            if key in sections and isinstance(value, dict):
+                names = {f.name: f for f in dataclasses.fields(sections[key])}
+                hints = typing.get_type_hints(sections[key])
+                for k, v in value.items():
+                    if k not in names:
+                        raise LorakitError(f"{p}: unknown key {key}.{k} (known: {', '.join(names)})")
+                    by_section[key][k] = _coerce(v, hints[k], f"{p}: {key}.{k}")
+            elif str(key).replace("_", "-") in leaves:
+                put(str(key).replace("_", "-"), value, f"{p}: {key}")
+            else:
+                raise LorakitError(f"{p}: unknown key {key!r}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        key = key.replace("_", "-")
+        if key not in leaves:
+            raise LorakitError(f"unknown option --{key}")
+        put(key, value, f"--{key}")
+    built = {name: _build(cls, by_section[name], name) for name, cls in sections.items()}
+    return RunConfig(**built)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
