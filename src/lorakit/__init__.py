@@ -1,7 +1,26 @@
-"""lorakit: the whole LoRA lifecycle."""
+"""lorakit: the whole LoRA lifecycle — checked data, LoRA/QLoRA training, PEFT-format adapters, merge, serve."""
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, RunConfig, load_config
 from lorakit.errors import LorakitError
+from lorakit.lora import (
+    add_lora,
+    adapter_names,
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    lora_parameters,
+    lora_state_dict,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
+    set_adapter_scale,
+    unmerge,
+)
 
-__all__ = ["LoraConfig", "LorakitError"]
+__all__ = [
+    "LoraConfig", "RunConfig", "load_config", "LorakitError",
+    "add_lora", "adapter_names", "count_parameters", "disable_adapters", "load_adapter", "lora_parameters",
+    "lora_state_dict", "merge", "merge_and_unload", "save_adapter", "set_adapter", "set_adapter_scale", "unmerge",
+]
 __version__ = "0.1.0"

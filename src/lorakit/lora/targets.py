@@ -29,6 +29,18 @@ def is_linear(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) pairs with LoRA layers shown as the modules they wrap, their adapters hidden."""
+    from lorakit.lora.layer import LoraLayer
+
+    out = []
+    for path, m in model.named_modules():
+        if ".adapters" in path:
+            continue
+        out.append((path, m.base_layer if isinstance(m, LoraLayer) else m))
+    return out
+
+
 def supported(module: nn.Module) -> bool:
     return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
 
@@ -44,7 +56,8 @@ def output_head_names(model: nn.Module) -> set[str]:
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    for path, m in model.named_modules():
+    out = getattr(out, "base_layer", out)
+    for path, m in base_modules(model):
         if out is not None and m is out:
             heads.add(path)
         elif path.split(".")[-1] in ("lm_head", "score", "classifier", "cls", "qa_outputs"):
@@ -60,7 +73,7 @@ def select_targets(
     """Module paths that get an adapter, in model order. Raises LorakitError when nothing matches,
     naming the close matches and the module names that exist."""
     exclude_modules = exclude_modules or []
-    candidates = [(p, m) for p, m in model.named_modules() if p and supported(m)]
+    candidates = [(p, m) for p, m in base_modules(model) if p and supported(m)]
     if target_modules == ALL_LINEAR:
         heads = output_head_names(model)
         chosen = [p for p, m in candidates if is_linear(m) and p not in heads]
@@ -73,7 +86,7 @@ def select_targets(
 
 
 def no_match_message(model: nn.Module, target_modules: list[str] | str, exclude: list[str] | str) -> str:
-    leaf_names = sorted({p.split(".")[-1] for p, m in model.named_modules() if p and supported(m)})
+    leaf_names = sorted({p.split(".")[-1] for p, m in base_modules(model) if p and supported(m)})
     asked = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     close = sorted({c for t in asked for c in difflib.get_close_matches(t, leaf_names, n=3, cutoff=0.5)})
     msg = f"--target {','.join(asked)} matches no module of this model"
