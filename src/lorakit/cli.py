@@ -27,7 +27,26 @@ def _params(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params]
+def _data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="training data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("check", help="list every bad record, then report duplicates, lengths and truncation")
+    c.add_argument("file", help="training data: JSON array or JSONL")
+    c.add_argument("--model", required=True, help="model folder or hub id whose tokenizer measures the tokens")
+    c.add_argument("--seq-len", dest="seq_len", default=None, help="count examples longer than this (default 512)")
+    c.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    c.add_argument("--val-data", dest="val_data", default=None, help="validation file: checked, and its overlap with FILE")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.data.check import data_check_command
+
+        return data_check_command(a)
+
+    c.set_defaults(func=run)
+
+
+COMMANDS = [_params, _data]
 
 
 def build_parser() -> argparse.ArgumentParser:

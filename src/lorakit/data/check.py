@@ -1,0 +1,295 @@
+"""`lorakit data check`: find every bad record, then report on the data's quality, without training.
+
+Duplicates are judged on prompts (everything but the answers), normalized: Unicode NFKC, lower
+case, punctuation dropped, whitespace collapsed. Equal normalized prompts are *exact* duplicates;
+*near* duplicates have a Jaccard similarity >= 0.9 between their sets of character 5-grams, found
+with MinHash-LSH (128 permutations, 16 bands of 8 rows: a pair at 0.9 is found with p > 0.999)
+and then confirmed with the exact Jaccard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import unicodedata
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorakit.data.formats import (
+    FORMATS,
+    detect_file_format,
+    detect_format,
+    iter_records,
+    prompt_text,
+    validate_record,
+)
+from lorakit.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_record
+from lorakit.errors import LorakitError
+
+MIN_EXAMPLES = 1000
+NEAR_THRESHOLD = 0.9
+SHINGLE = 5
+_PERMS, _BANDS = 128, 16
+_ROWS = _PERMS // _BANDS
+_PRIME = (1 << 31) - 1  # a*h + b stays below 2**63 for 32-bit shingle hashes
+_rng = np.random.default_rng(0)
+_A = _rng.integers(1, _PRIME, _PERMS, dtype=np.uint64)
+_B = _rng.integers(0, _PRIME, _PERMS, dtype=np.uint64)
+_MAX_CANDIDATES = 200  # per prompt: keeps a file of near-identical templates from going quadratic
+_LISTED = 10  # duplicate pairs listed by name in the report
+
+
+@dataclass
+class CheckReport:
+    path: str
+    format: str
+    records: int = 0
+    errors: list[str] = field(default_factory=list)
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+    seq_len: int = 0
+    token_lengths: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    no_response_left: int = 0
+    response_lengths: dict[str, int] = field(default_factory=dict)
+    roles: dict[str, int] = field(default_factory=dict)
+    val_path: str | None = None
+    val_records: int = 0
+    val_overlap: int = 0
+    warnings: list[str] = field(default_factory=list)
+    near_duplicate_method: str = (f"MinHash-LSH over character {SHINGLE}-grams of normalized prompts, "
+                                  f"confirmed Jaccard >= {NEAR_THRESHOLD}")
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# --- duplicates -----------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def _shingles(norm: str) -> set[str]:
+    if len(norm) <= SHINGLE:
+        return {norm}
+    return {norm[i:i + SHINGLE] for i in range(len(norm) - SHINGLE + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class NearDuplicateIndex:
+    """Prompts added so far, queried for an exact or near (Jaccard >= 0.9) match."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, int] = {}
+        self.shingles: list[set[str]] = []
+        self.ids: list[int] = []
+        self.buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+
+    @staticmethod
+    def _bands(shingles: set[str]) -> list[tuple[int, bytes]]:
+        hashes = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
+        signature = ((_A[:, None] * hashes[None, :] + _B[:, None]) % _PRIME).min(axis=1)  # (PERMS,)
+        return [(b, signature[b * _ROWS:(b + 1) * _ROWS].tobytes()) for b in range(_BANDS)]
+
+    def query(self, text: str) -> tuple[str, int] | None:
+        """``("exact" | "near", id)`` of an earlier prompt that ``text`` duplicates, else None."""
+        norm = normalize(text)
+        if norm in self.exact:
+            return "exact", self.exact[norm]
+        mine = _shingles(norm)
+        seen: set[int] = set()
+        for key in self._bands(mine):
+            for slot in self.buckets.get(key, ()):
+                if slot in seen:
+                    continue
+                seen.add(slot)
+                if jaccard(mine, self.shingles[slot]) >= NEAR_THRESHOLD:
+                    return "near", self.ids[slot]
+                if len(seen) >= _MAX_CANDIDATES:
+                    return None
+        return None
+
+    def add(self, text: str, ident: int) -> None:
+        norm = normalize(text)
+        if norm in self.exact:
+            return
+        self.exact[norm] = ident
+        mine = _shingles(norm)
+        slot = len(self.shingles)
+        self.shingles.append(mine)
+        self.ids.append(ident)
+        for key in self._bands(mine):
+            self.buckets[key].append(slot)
+
+
+# --- the check ------------------------------------------------------------------------------------
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99 and max; empty for no values."""
+    if not values:
+        return {}
+    s = sorted(values)
+    rank = {p: s[max(0, math.ceil(p / 100 * len(s)) - 1)] for p in (50, 90, 99)}
+    return {"p50": rank[50], "p90": rank[90], "p99": rank[99], "max": s[-1]}
+
+
+def _scan(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[str], str]:
+    """Valid ``(line, record)`` pairs, every problem as ``path:line: what``, and the format used."""
+    items = list(iter_records(path))
+    objects = [(line, value) for line, value, problem in items if problem is None]
+    if fmt == "auto":
+        try:
+            fmt = detect_file_format(objects)
+        except LorakitError:
+            fmt = "unknown"
+    errors: list[tuple[int, str]] = [(line, problem) for line, _, problem in items if problem]
+    valid = []
+    for line, record in objects:
+        try:
+            own, why = detect_format(record), ""
+        except LorakitError as e:
+            own, why = None, str(e)
+        if fmt == "unknown":
+            problems = [why]
+        else:
+            problems = validate_record(record, fmt)
+            if problems and own not in (None, fmt):
+                problems = [f"record looks like {own} but the file is {fmt}"]
+        if problems:
+            errors += [(line, p) for p in problems]
+        else:
+            valid.append((line, record))
+    return valid, [f"{path}:{line}: {p}" for line, p in sorted(errors, key=lambda e: e[0])], fmt
+
+
+def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto",
+               val_path: str | Path | None = None) -> CheckReport:
+    """Validate every record of ``path`` (and ``val_path``) and measure the valid ones."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise LorakitError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
+    if seq_len < 1:
+        raise LorakitError(f"--seq-len must be positive, got {seq_len}")
+    path = str(path)
+    valid, errors, fmt = _scan(path, fmt)
+    report = CheckReport(path=path, format=fmt, records=len(valid), errors=errors, seq_len=seq_len)
+
+    index = NearDuplicateIndex()
+    lengths, responses = [], []
+    roles: Counter[str] = Counter()
+    for line, record in valid:
+        prompt = prompt_text(record, fmt)
+        hit = index.query(prompt)
+        if hit:
+            kind, earlier = hit
+            report.exact_duplicates += kind == "exact"
+            report.near_duplicates += kind == "near"
+            if len(report.duplicate_examples) < _LISTED:
+                report.duplicate_examples.append(f"{path}:{line}: {kind} duplicate of line {earlier}")
+        index.add(prompt, line)
+        ex = tokenize_record(record, fmt, tokenizer, seq_len=1 << 62)
+        lengths.append(len(ex["input_ids"]))
+        responses.append(sum(t != IGNORE_INDEX for t in ex["labels"]))
+        report.truncated += len(ex["input_ids"]) > seq_len
+        report.no_response_left += all(t == IGNORE_INDEX for t in ex["labels"][:seq_len])
+        if fmt == "chat":
+            roles.update(m["role"] for m in record["messages"])
+    report.token_lengths = _percentiles(lengths)
+    report.response_lengths = _percentiles(responses)
+    report.roles = dict(sorted(roles.items()))
+
+    if val_path is not None:
+        report.val_path = str(val_path)
+        val_valid, val_errors, _ = _scan(str(val_path), fmt if fmt != "unknown" else "auto")
+        report.errors += val_errors
+        report.val_records = len(val_valid)
+        report.val_overlap = sum(index.query(prompt_text(r, fmt)) is not None for _, r in val_valid)
+    report.warnings = _warnings(report)
+    return report
+
+
+def _warnings(r: CheckReport) -> list[str]:
+    out = []
+    if r.records < MIN_EXAMPLES:
+        out.append(f"only {r.records} valid examples: LoRA needs thousands of diverse examples "
+                   f"(aim for at least {MIN_EXAMPLES:,})")
+    if r.exact_duplicates or r.near_duplicates:
+        out.append(f"{r.exact_duplicates} exact and {r.near_duplicates} near-duplicate prompts: "
+                   "repeated prompts are memorized, not learned; remove them")
+    if r.truncated:
+        out.append(f"{r.truncated} of {r.records} examples are longer than --seq-len {r.seq_len} "
+                   "and would be truncated")
+    if r.no_response_left:
+        out.append(f"{r.no_response_left} examples keep no response token within --seq-len {r.seq_len} "
+                   "(training drops them): raise --seq-len or shorten their prompts")
+    if r.val_overlap:
+        out.append(f"{r.val_overlap} of {r.val_records} validation prompts also appear in {r.path} "
+                   "(exact or near duplicates): validation loss will look better than it is")
+    return out
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def _stats(d: dict[str, int]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in d.items()) if d else "-"
+
+
+def format_report(r: CheckReport) -> str:
+    """The human-readable report: bad records first, one per line, then the quality figures."""
+    out = list(r.errors)
+    if r.errors:
+        out.append(f"{len(r.errors)} problems in bad records")
+    out.append(f"{r.path}: {r.records} valid records, format {r.format}")
+    out.append(f"duplicate prompts: {r.exact_duplicates} exact, {r.near_duplicates} near "
+               f"({r.near_duplicate_method})")
+    out += [f"  {d}" for d in r.duplicate_examples]
+    out.append(f"tokens per example: {_stats(r.token_lengths)}")
+    pct = f" ({100 * r.truncated / r.records:.1f}%)" if r.records else ""
+    out.append(f"truncated at --seq-len {r.seq_len}: {r.truncated}{pct}")
+    out.append(f"response tokens: {_stats(r.response_lengths)}")
+    if r.roles:
+        out.append("messages by role: " + ", ".join(f"{k} {v}" for k, v in r.roles.items()))
+    if r.val_path is not None:
+        out.append(f"validation {r.val_path}: {r.val_records} valid records, {r.val_overlap} overlap training")
+    out += [f"warning: {w}" for w in r.warnings]
+    return "\n".join(out)
+
+
+def data_check_command(args: argparse.Namespace) -> int:
+    """CLI entry: 1 when any record is bad (all listed), else 0."""
+    from lorakit.config import DataConfig
+
+    seq_len = DataConfig().seq_len if args.seq_len is None else args.seq_len
+    try:
+        seq_len = int(seq_len)
+    except ValueError:
+        raise LorakitError(f"--seq-len must be an integer, got {seq_len!r}") from None
+    if not Path(args.file).is_file():
+        raise LorakitError(f"{args.file}: no such data file")
+    if args.val_data and not Path(args.val_data).is_file():
+        raise LorakitError(f"--val-data {args.val_data}: no such file")
+    if not args.model:
+        raise LorakitError("--model is required: the tokenizer decides token lengths (a model folder or hub id)")
+    tokenizer = load_tokenizer(args.model)
+    report = check_file(args.file, tokenizer, seq_len, fmt=args.format or "auto", val_path=args.val_data)
+    if args.json:
+        print(json.dumps({**asdict(report), "ok": report.ok}))
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1
