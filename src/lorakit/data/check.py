@@ -254,7 +254,7 @@ def format_report(r: CheckReport) -> str:
     """The human-readable report: bad records first, one per line, then the quality figures."""
     out = list(r.errors)
     if r.errors:
-        out.append(f"{len(r.errors)} problems in bad records")
+        out.append(f"{len(r.errors)} problems: fix them before training")
     out.append(f"{r.path}: {r.records} valid records, format {r.format}")
     out.append(f"duplicate prompts: {r.exact_duplicates} exact, {r.near_duplicates} near "
                f"({r.near_duplicate_method})")
