@@ -1,0 +1,320 @@
+"""`lorakit train`: the one training loop, read top to bottom in ``train``.
+
+Everything that can be wrong with the input (config, model, data, output folder) is checked before the
+first byte is written to the output folder. The loop is deterministic for a seed, and a run resumed from
+``checkpoints/step-N`` computes the same weights as one that never stopped: the checkpoint holds the
+weights, AdamW moments, RNG states and the position in the data order, and the learning rate is a pure
+function of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.config import RunConfig, config_to_dict, load_config
+from lorakit.data import collate, length_grouped_batches, load_datasets
+from lorakit.data.tokenize import pad_token_id
+from lorakit.errors import LorakitError
+from lorakit.lora import add_lora, save_adapter
+from lorakit.model import load_model, load_tokenizer, resolve_model_path
+from lorakit.train.checkpoint import (
+    complete_checkpoints,
+    load_checkpoint,
+    publish_files,
+    save_checkpoint,
+    write_text_atomic,
+)
+from lorakit.train.optim import build_optimizer, lr_at
+
+IGNORE_INDEX = -100
+# Settings a resumed run may change: they do not alter the weights computed up to the checkpoint.
+RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "epochs", "save_every", "keep_last", "eval_every",
+                     "patience", "log_every", "threads"}
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int  # optimizer steps taken in total (including those before a resume)
+    loss: float | None  # the last logged training loss
+    eval_loss: float | None  # the last evaluation's loss (None without validation data)
+    stopped: str  # "done" or "early_stopping"
+
+
+class BatchStream:
+    """Micro-batches in ``length_grouped_batches`` order, epoch after epoch. ``(epoch, index)`` is the
+    position a checkpoint stores: the next micro-batch to read."""
+
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0):
+        self._order = lambda e: length_grouped_batches(examples, batch_size, seed, e)
+        self.examples, self.pad_id = examples, pad_id
+        self.epoch, self.index, self.batches = epoch, index, self._order(epoch)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index == len(self.batches):
+            self.epoch, self.index, self.batches = self.epoch + 1, 0, self._order(self.epoch + 1)
+        ids = self.batches[self.index]
+        self.index += 1
+        return collate([self.examples[i] for i in ids], self.pad_id)
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.epoch + self.index / len(self.batches)
+
+
+def shifted_logits(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V) in fp32, targets (N,)) at the N positions that carry a label: position t predicts
+    token t+1, so logits[:, :-1] meet labels[:, 1:]; prompt and padding (-100) are dropped here."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:].to(device)  # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    return logits[:, :-1][keep].float(), targets[keep]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, bf16: bool) -> dict[str, float]:
+    """Loss per label token over all of ``examples``, its perplexity, and next-token accuracy."""
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        logits, targets = shifted_logits(model, collate(examples[i:i + batch_size], pad_id), bf16)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += int((logits.argmax(-1) == targets).sum())
+        n += targets.numel()
+    model.train()
+    loss = loss_sum / max(n, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_accuracy": correct / max(n, 1)}
+
+
+def run_config(path: str | None, flags: dict[str, Any]) -> RunConfig:
+    """``load_config(path, flags)``; with ``--resume`` and no CONFIG file, the run's own
+    ``OUTPUT/config.yaml`` is the base, so ``lorakit train --output DIR --resume`` needs no other flag."""
+    output = flags.get("output")
+    if path is None and flags.get("resume") and output and (Path(output) / "config.yaml").is_file():
+        path = str(Path(output) / "config.yaml")
+    return load_config(path, flags)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train ``cfg`` into ``cfg.train.output``; see the module docstring. Raises LorakitError on bad input
+    (nothing written) and on a non-finite loss (the last good weights written, then the error)."""
+    t = cfg.train
+    output = Path(t.output)
+    checkpoint = _check_output(output, t.resume, t.overwrite)
+
+    # --- load and check everything before writing anything -------------------------------------------
+    torch.set_num_threads(t.threads or len(os.sched_getaffinity(0)))
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)  # LoRA init and dropout draw from it; CUDA generators are seeded too
+    # an absolute model path, so config.yaml and adapter_config.json work from any directory
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path)))
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
+    if checkpoint is not None:
+        _check_same_run(output / "config.yaml", cfg)
+    model = load_model(cfg.model, full_training=t.method == "full")
+    pad_id = pad_token_id(tokenizer)
+    if t.method == "lora":
+        add_lora(model, cfg.lora)
+    model.config.use_cache = False  # the KV cache only helps generation
+    if cfg.model.gradient_checkpointing:
+        # recompute each block's activations in backward; non-reentrant so frozen inputs still get grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, t)
+    batches_per_epoch = math.ceil(len(train_set) / t.batch_size)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+
+    # --- the output folder: fresh, or restored to the newest checkpoint -----------------------------
+    state = {"step": 0, "epoch": 0, "batch_index": 0, "best_eval_loss": None, "bad_evals": 0}
+    if t.overwrite and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    saved = dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False, overwrite=False))
+    write_text_atomic(output / "config.yaml", _yaml(saved))
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        write_text_atomic(output / "metrics.jsonl", (checkpoint / "metrics.jsonl").read_text())
+        print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
+    else:
+        write_text_atomic(output / "metrics.jsonl", "")
+    stream = BatchStream(train_set, t.batch_size, t.seed, pad_id, state["epoch"], state["batch_index"])
+    metrics = open(output / "metrics.jsonl", "a")
+    progress = _Progress(total_steps, state["step"])
+
+    def log(record: dict[str, Any]) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def publish_final() -> None:
+        publish_files(lambda d: _save_final(model, tokenizer, d, t.method, cfg.model.name_or_path), output)
+
+    # --- the loop: one optimizer step per iteration ----------------------------------------------------
+    step, loss, eval_loss, stopped = state["step"], None, None, "done"
+    tokens, last_log = 0, time.perf_counter()
+    while step < total_steps:
+        micro = [stream.next() for _ in range(t.grad_accum)]
+        # The step's loss is the mean over all its label tokens, not a mean of micro-batch means: each
+        # micro-batch's summed token loss is divided by the step's total count before backward.
+        n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro))
+        step_loss, n_tokens = 0.0, sum(int(b["attention_mask"].sum()) for b in micro)
+        for b in micro:
+            logits, targets = shifted_logits(model, b, t.bf16)
+            token_loss = F.cross_entropy(logits, targets, reduction="sum")
+            (token_loss / n_labels).backward()
+            step_loss += token_loss.item() / n_labels
+        tokens += n_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
+
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            # Do not apply this step: the weights are still those of step `step`, the last good state.
+            what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
+            metrics.close()
+            progress.close()
+            publish_final()
+            raise LorakitError(f"step {step + 1}: {what} is not finite; training stopped and the last good "
+                               f"weights (step {step}) are in {output}; lower --lr or check the data")
+
+        lr = lr_at(step, t, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, loss = step + 1, step_loss
+
+        if step % t.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": round(tokens / max(now - last_log, 1e-9), 1),
+                 "epoch": round(stream.epoch_progress, 4)})
+            tokens, last_log = 0, now
+        progress.update(step, loss, lr, n_tokens)
+
+        if val_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+            result = evaluate(model, val_set, t.batch_size, pad_id, t.bf16)
+            eval_loss = result["eval_loss"]
+            log({"step": step, **result})
+            if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
+                state["best_eval_loss"], state["bad_evals"] = eval_loss, 0
+            else:
+                state["bad_evals"] += 1
+            if t.patience and state["bad_evals"] >= t.patience:
+                stopped = "early_stopping"
+
+        state.update(step=step, epoch=stream.epoch, batch_index=stream.index)
+        if t.save_every and step % t.save_every == 0:
+            metrics.flush()
+            save_checkpoint(output, model, optimizer, state, t.method, cfg.model.name_or_path, t.keep_last)
+        if stopped != "done":
+            break
+
+    metrics.close()
+    progress.close()
+    publish_final()
+    note = " (early stopping)" if stopped != "done" else ""
+    print(f"trained {step} steps{note}; " + (f"loss {loss:.4f}; " if loss is not None else "")
+          + (f"eval_loss {eval_loss:.4f}; " if eval_loss is not None else "") + f"saved to {output}")
+    return TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped)
+
+
+# --- helpers: the output folder, the final files, progress -------------------------------------------
+
+
+def _check_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (or None for a fresh run); refuse to mix runs in one folder."""
+    if output.exists() and not output.is_dir():
+        raise LorakitError(f"--output {output}: exists and is not a folder")
+    if not output.exists() or not any(output.iterdir()):
+        return None
+    if resume:
+        found = complete_checkpoints(output)
+        if found:
+            return found[-1]
+        if not (output / "config.yaml").is_file():
+            raise LorakitError(f"--output {output}: not a lorakit run folder (no config.yaml); nothing to resume")
+        return None  # the run died before its first checkpoint: start it again
+    if overwrite:
+        if not (output / "config.yaml").is_file():
+            raise LorakitError(f"--output {output}: not a lorakit run folder (no config.yaml); --overwrite only "
+                               "replaces earlier runs; choose a new --output")
+        return None
+    raise LorakitError(f"--output {output}: not empty; pass --resume to continue that run, --overwrite to "
+                       "replace it, or choose a new folder")
+
+
+def _check_same_run(saved_path: Path, cfg: RunConfig) -> None:
+    """A resumed run must compute what the original would have: only RESUMABLE_CHANGES may differ."""
+    saved = config_to_dict(load_config(saved_path))
+    now = config_to_dict(cfg)
+    for section, fields in now.items():
+        for name, value in fields.items():
+            before = saved[section][name]
+            if before != value and not (section == "train" and name in RESUMABLE_CHANGES):
+                raise LorakitError(f"--resume: {section}.{name} is {value!r} but the run in {saved_path.parent} "
+                                   f"used {before!r}; resume with the same settings or start with --overwrite")
+
+
+def _save_final(model: nn.Module, tokenizer: Any, folder: Path, method: str, base_model: str) -> None:
+    """The result: a PEFT adapter for lora; for full, a model folder any HF loader reads."""
+    if method == "lora":
+        save_adapter(model, folder, base_model_name_or_path=base_model)
+    else:
+        model.config.use_cache = True
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+
+def _yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+class _Progress:
+    """A rich progress bar (loss, lr, tokens/s, ETA) when stderr is a terminal; else a plain line every ~10%."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.every = total, max(1, total // 10)
+        self.tokens, self.started = 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
+        self.tokens += tokens
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {self.tokens / (time.perf_counter() - self.started):.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
