@@ -46,7 +46,47 @@ def _data(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data]
+def _train(sub: argparse._SubParsersAction) -> None:
+    from lorakit.config import add_config_flags
+
+    p = sub.add_parser("train", help="train a LoRA adapter (or every weight with --method full)")
+    p.add_argument("config", nargs="?", help="YAML run config; flags override it")
+    add_config_flags(p)
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.train.loop import run_config, train
+
+        flags = {k: v for k, v in vars(a).items() if k not in ("command", "func", "config")}
+        train(run_config(a.config, flags))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt or chat with a base model, plus an adapter")
+    p.add_argument("--model", help="base model folder or hub id (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", help="adapter folder (PEFT format, e.g. a lorakit train output)")
+    p.add_argument("--scale", type=float, default=1.0, help="adapter strength: 1 as trained, 0 off")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic); else sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--format", default="raw", choices=("raw", "alpaca", "chat"),
+                   help="wrap --prompt as training rendered it: raw text, the alpaca template, or one chat turn")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to complete")
+    what.add_argument("--chat", action="store_true", help="chat: one user turn per stdin line, history kept")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.generate import generate_command
+
+        return generate_command(a.model, a.adapter, a.scale, a.max_new_tokens, a.temperature,
+                                None if a.chat else a.prompt, a.format, a.seed)
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_params, _data, _train, _generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
