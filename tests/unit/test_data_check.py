@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorakit.cli import main
-from lorakit.data.check import NearDuplicateIndex, _shingles, check_file, jaccard, normalize
+from lorakit.data.check import NearDuplicateIndex, check_file, jaccard, normalize, shingles
 
 DATA = Path(__file__).parent.parent / "data"
 LEAVES = ("Explain how photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen "
@@ -139,7 +139,7 @@ def test_near_duplicates_agree_with_exact_jaccard():
         for _ in range(edits):
             chars[rng.randrange(len(chars))] = rng.choice("xyzq")
         variant = "".join(chars)
-        similar = jaccard(_shingles(normalize(base)), _shingles(normalize(variant))) >= 0.9
+        similar = jaccard(shingles(normalize(base)), shingles(normalize(variant))) >= 0.9
         assert (index.query(variant) is not None) == similar, edits
         seen[similar] += 1
     assert seen[True] and seen[False]  # both sides of the threshold were tried

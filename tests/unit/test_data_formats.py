@@ -243,11 +243,12 @@ def test_packing_fills_seq_len_blocks_and_keeps_masks(tmp_path, bert):
     assert pack([], 8) == []
 
 
-def test_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path, bert):
+def test_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path, bert, minilm_path):
     path = write_jsonl(tmp_path / "t.jsonl", numbered(10))
     cfg = DataConfig(train=str(path), val_fraction=0.2, seq_len=64)
     cache = tmp_path / "cache"
-    first = load_datasets(cfg, bert, cache_dir=cache)
+    fresh = AutoTokenizer.from_pretrained(minilm_path)  # never used yet: its key must match a used one's
+    first = load_datasets(cfg, fresh, cache_dir=cache)
     stored = cache_path(cfg, bert, cache)
     assert stored.is_file() and list(cache.iterdir()) == [stored]
     assert load_datasets(cfg, bert, cache_dir=cache) == first

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import unicodedata
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from lorakit.data.formats import (
     prompt_text,
     validate_record,
 )
-from lorakit.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_record
+from lorakit.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_records
 from lorakit.errors import LorakitError
 
 MIN_EXAMPLES = 1000
@@ -38,10 +37,11 @@ NEAR_THRESHOLD = 0.9
 SHINGLE = 5
 _PERMS, _BANDS = 128, 16
 _ROWS = _PERMS // _BANDS
-_PRIME = (1 << 31) - 1  # a*h + b stays below 2**63 for 32-bit shingle hashes
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial rolling hash of a 5-gram's code points
 _rng = np.random.default_rng(0)
-_A = _rng.integers(1, _PRIME, _PERMS, dtype=np.uint64)
-_B = _rng.integers(0, _PRIME, _PERMS, dtype=np.uint64)
+# multiply-shift hashing, (a*x + b) mod 2**64 >> 32 with odd a: one independent-enough permutation per row
+_A = _rng.integers(1, 1 << 63, _PERMS, dtype=np.uint64) | np.uint64(1)
+_B = _rng.integers(0, 1 << 63, _PERMS, dtype=np.uint64)
 _MAX_CANDIDATES = 200  # per prompt: keeps a file of near-identical templates from going quadratic
 _LISTED = 10  # duplicate pairs listed by name in the report
 
@@ -81,14 +81,20 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
-def _shingles(norm: str) -> set[str]:
-    if len(norm) <= SHINGLE:
-        return {norm}
-    return {norm[i:i + SHINGLE] for i in range(len(norm) - SHINGLE + 1)}
+def shingles(norm: str) -> np.ndarray:
+    """Sorted unique 64-bit hashes of the character 5-grams of ``norm`` (one for a shorter text)."""
+    codes = np.frombuffer(norm.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n = max(1, len(codes) - SHINGLE + 1)
+    h = np.zeros(n, dtype=np.uint64)
+    for k in range(min(SHINGLE, len(codes))):
+        h = h * _MIX + codes[k:k + n]  # wraps mod 2**64, as intended
+    return np.unique(h)
 
 
-def jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two sorted unique arrays."""
+    common = np.intersect1d(a, b, assume_unique=True).size
+    return common / (a.size + b.size - common)
 
 
 class NearDuplicateIndex:
@@ -96,24 +102,28 @@ class NearDuplicateIndex:
 
     def __init__(self) -> None:
         self.exact: dict[str, int] = {}
-        self.shingles: list[set[str]] = []
+        self.shingles: list[np.ndarray] = []
         self.ids: list[int] = []
         self.buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+        self._last: tuple[str, np.ndarray, list[tuple[int, bytes]]] | None = None
 
-    @staticmethod
-    def _bands(shingles: set[str]) -> list[tuple[int, bytes]]:
-        hashes = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
-        signature = ((_A[:, None] * hashes[None, :] + _B[:, None]) % _PRIME).min(axis=1)  # (PERMS,)
-        return [(b, signature[b * _ROWS:(b + 1) * _ROWS].tobytes()) for b in range(_BANDS)]
+    def _sketch(self, norm: str) -> tuple[np.ndarray, list[tuple[int, bytes]]]:
+        """Shingles and LSH band keys; the last one is kept since add() follows query() on one text."""
+        if self._last is None or self._last[0] != norm:
+            mine = shingles(norm)
+            signature = ((_A[:, None] * mine[None, :] + _B[:, None]) >> 32).min(axis=1)  # (PERMS,)
+            bands = [(b, signature[b * _ROWS:(b + 1) * _ROWS].tobytes()) for b in range(_BANDS)]
+            self._last = (norm, mine, bands)
+        return self._last[1], self._last[2]
 
     def query(self, text: str) -> tuple[str, int] | None:
         """``("exact" | "near", id)`` of an earlier prompt that ``text`` duplicates, else None."""
         norm = normalize(text)
         if norm in self.exact:
             return "exact", self.exact[norm]
-        mine = _shingles(norm)
+        mine, bands = self._sketch(norm)
         seen: set[int] = set()
-        for key in self._bands(mine):
+        for key in bands:
             for slot in self.buckets.get(key, ()):
                 if slot in seen:
                     continue
@@ -129,11 +139,11 @@ class NearDuplicateIndex:
         if norm in self.exact:
             return
         self.exact[norm] = ident
-        mine = _shingles(norm)
+        mine, bands = self._sketch(norm)
         slot = len(self.shingles)
         self.shingles.append(mine)
         self.ids.append(ident)
-        for key in self._bands(mine):
+        for key in bands:
             self.buckets[key].append(slot)
 
 
@@ -190,7 +200,6 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
     report = CheckReport(path=path, format=fmt, records=len(valid), errors=errors, seq_len=seq_len)
 
     index = NearDuplicateIndex()
-    lengths, responses = [], []
     roles: Counter[str] = Counter()
     for line, record in valid:
         prompt = prompt_text(record, fmt)
@@ -202,13 +211,13 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
             if len(report.duplicate_examples) < _LISTED:
                 report.duplicate_examples.append(f"{path}:{line}: {kind} duplicate of line {earlier}")
         index.add(prompt, line)
-        ex = tokenize_record(record, fmt, tokenizer, seq_len=1 << 62)
-        lengths.append(len(ex["input_ids"]))
-        responses.append(sum(t != IGNORE_INDEX for t in ex["labels"]))
-        report.truncated += len(ex["input_ids"]) > seq_len
-        report.no_response_left += all(t == IGNORE_INDEX for t in ex["labels"][:seq_len])
         if fmt == "chat":
             roles.update(m["role"] for m in record["messages"])
+    examples = tokenize_records([r for _, r in valid], fmt, tokenizer, seq_len=1 << 62)  # untruncated
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    responses = [sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples]
+    report.truncated = sum(n > seq_len for n in lengths)
+    report.no_response_left = sum(all(t == IGNORE_INDEX for t in ex["labels"][:seq_len]) for ex in examples)
     report.token_lengths = _percentiles(lengths)
     report.response_lengths = _percentiles(responses)
     report.roles = dict(sorted(roles.items()))

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import tempfile
+import weakref
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -60,58 +61,82 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+_prefix_cache: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+
+
 def _prefix_ids(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before any text by itself (bos, or BERT's [CLS]); often none."""
+    """The ids the tokenizer puts before any text by itself (bos, or BERT's [CLS]); often none.
+
+    Remembered per tokenizer: probing costs two encodes, as much as a short record."""
+    if tokenizer in _prefix_cache:
+        return _prefix_cache[tokenizer]
     probe = "hello"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe)["input_ids"]
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return list(full[:i])
-    return []
+    prefix = next((list(full[:i]) for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
+    _prefix_cache[tokenizer] = prefix
+    return prefix
 
 
-def _encode(segments: list[tuple[str, bool]], tokenizer: Any) -> tuple[list[int], list[bool]]:
-    """Token ids of the joined segments and, per token, whether it belongs to a response.
+def _encode(examples: list[list[tuple[str, bool]]], tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
+    """Per example: token ids of its joined segments and, per token, whether it is response.
 
-    A fast tokenizer encodes the whole text at once (so tokens merge across segment borders as
-    they would at inference) and a token counts as response when its first character does.
-    A slow tokenizer encodes segment by segment.
+    A fast tokenizer encodes each whole text at once (so tokens merge across segment borders as
+    they would at inference; a batch of texts runs in parallel) and a token counts as response when
+    its first character does. A slow tokenizer encodes segment by segment.
     """
     if not getattr(tokenizer, "is_fast", False):
-        ids: list[int] = []
-        is_response: list[bool] = []
+        out = []
+        for segments in examples:
+            ids: list[int] = []
+            is_response: list[bool] = []
+            for text, resp in segments:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                is_response += [resp] * len(piece)
+            out.append((ids, is_response))
+        return out
+    texts, bounds = [], []
+    for segments in examples:
+        starts, flags, pos = [], [], 0
         for text, resp in segments:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            is_response += [resp] * len(piece)
-        return ids, is_response
-    text = "".join(t for t, _ in segments)
-    starts, flags, pos = [], [], 0
-    for t, resp in segments:
-        starts.append(pos)
-        flags.append(resp)
-        pos += len(t)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    is_response = [flags[bisect.bisect_right(starts, start) - 1] if starts else False
-                   for start, _ in enc["offset_mapping"]]
-    return list(enc["input_ids"]), is_response
+            starts.append(pos)
+            flags.append(resp)
+            pos += len(text)
+        texts.append("".join(text for text, _ in segments))
+        bounds.append((starts, flags))
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, (starts, flags) in zip(enc["input_ids"], enc["offset_mapping"], bounds, strict=True):
+        is_response = [flags[bisect.bisect_right(starts, start) - 1] if starts else False for start, _ in offsets]
+        out.append((list(ids), is_response))
+    return out
 
 
-def tokenize_record(record: dict, fmt: str, tokenizer: Any, seq_len: int,
-                    train_on_prompt: bool = False) -> dict[str, list[int]]:
-    """``{"input_ids", "labels"}`` for one valid record, truncated to ``seq_len`` tokens.
+def tokenize_records(records: list[dict], fmt: str, tokenizer: Any, seq_len: int,
+                     train_on_prompt: bool = False, chunk: int = 1024) -> list[dict[str, list[int]]]:
+    """``{"input_ids", "labels"}`` for each valid record, truncated to ``seq_len`` tokens.
 
     Starts with bos when the tokenizer adds one (once, even if a chat template already wrote it);
     labels are the input id on response tokens and -100 on prompt tokens unless ``train_on_prompt``.
     """
-    ids, is_response = _encode(to_segments(record, fmt, tokenizer), tokenizer)
     prefix = _prefix_ids(tokenizer)
-    if prefix and ids[:len(prefix)] != prefix:
-        ids = prefix + ids
-        is_response = [False] * len(prefix) + is_response
-    labels = [i if (r or train_on_prompt) else IGNORE_INDEX for i, r in zip(ids, is_response, strict=True)]
-    return {"input_ids": ids[:seq_len], "labels": labels[:seq_len]}
+    out = []
+    for i in range(0, len(records), chunk):
+        rendered = [to_segments(r, fmt, tokenizer) for r in records[i:i + chunk]]
+        for ids, is_response in _encode(rendered, tokenizer):
+            if prefix and ids[:len(prefix)] != prefix:
+                ids = prefix + ids
+                is_response = [False] * len(prefix) + is_response
+            labels = [t if (r or train_on_prompt) else IGNORE_INDEX for t, r in zip(ids, is_response, strict=True)]
+            out.append({"input_ids": ids[:seq_len], "labels": labels[:seq_len]})
+    return out
+
+
+def tokenize_record(record: dict, fmt: str, tokenizer: Any, seq_len: int,
+                    train_on_prompt: bool = False) -> dict[str, list[int]]:
+    """One record's ``{"input_ids", "labels"}``, as ``tokenize_records``."""
+    return tokenize_records([record], fmt, tokenizer, seq_len, train_on_prompt)[0]
 
 
 def pack(examples: list[dict[str, list[int]]], seq_len: int) -> list[dict[str, list[int]]]:
@@ -136,7 +161,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        spec = json.loads(backend.to_str())
+        # transformers sets truncation/padding on the backend per call: state, not identity
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     extra = [tokenizer.chat_template, eos_text(tokenizer), _prefix_ids(tokenizer),
@@ -215,7 +244,7 @@ def _valid_records(path: str, fmt: str) -> tuple[list[dict], str]:
 
 
 def _tokenize_all(records: list[dict], fmt: str, tokenizer: Any, cfg: DataConfig, where: str) -> list[dict]:
-    examples = [tokenize_record(r, fmt, tokenizer, cfg.seq_len, cfg.train_on_prompt) for r in records]
+    examples = tokenize_records(records, fmt, tokenizer, cfg.seq_len, cfg.train_on_prompt)
     kept = [ex for ex in examples if any(t != IGNORE_INDEX for t in ex["labels"])]
     if len(kept) < len(examples):
         # the prompt alone fills seq_len: nothing of the answer is left to learn from
