@@ -14,9 +14,12 @@ def _params(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model folder, config.json path, or hub id")
     p.add_argument("--r", help="LoRA rank")
     p.add_argument("--target", help="comma list of module names, a regex, or all-linear")
-    p.add_argument("--quantization", help="none, int8 or nf4: the frozen base's storage for QLoRA")
+    p.add_argument("--exclude", help="comma list of module names to leave alone")
+    p.add_argument("--quantization", help="int8 or nf4 (none means nf4): the frozen base's storage for QLoRA")
     p.add_argument("--batch-size", dest="batch_size", default=None, help="batch size for the activation estimate")
     p.add_argument("--seq-len", dest="seq_len", default=None, help="sequence length for the activation estimate")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
+                   default=None, help="estimate activations with recomputation in backward")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     def run(a: argparse.Namespace) -> int:
