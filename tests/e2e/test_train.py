@@ -1,0 +1,239 @@
+"""`lorakit train` end to end: the real CLI in a subprocess on a tiny Llama with a tiny BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_llama
+
+ANSWER = "The answer is forty two."
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+CHECKPOINT_FILES = ADAPTER_FILES | {"trainable.safetensors", "optimizer.safetensors", "optimizer.json",
+                                    "rng.safetensors", "trainer_state.json", "metrics.jsonl", "config.yaml"}
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A 2-layer Llama (hidden 32) and a 320-token byte-level BPE tokenizer that prepends <s>, saved as a
+    Hugging Face folder (what --model expects)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"### Instruction:\nQuestion {i}: what is the answer?\n\n### Response:\n{ANSWER}" for i in range(20)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus + ["hello world, the quick brown fox"], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(folder)
+    model = tiny_llama(vocab=len(fast))
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = 0, 1, 2
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = 0, 1
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_task(path: Path, n: int, start: int = 0) -> Path:
+    """A fixed-answer alpaca task: the model only has to learn one reply."""
+    with open(path, "w") as f:
+        for i in range(start, start + n):
+            f.write(json.dumps({"instruction": f"Question {i}: what is the answer?", "output": ANSWER}) + "\n")
+    return path
+
+
+def lorakit(*args: str | Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, **kw)
+
+
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("task")
+    return {"model": build_tiny_model(root / "model"), "train": write_task(root / "train.jsonl", 24),
+            "val": write_task(root / "val.jsonl", 6, start=100)}
+
+
+def train_args(task: dict[str, Path], output: Path, *extra: str | Path) -> list[str | Path]:
+    # dropout on, two micro-batches per step, a checkpoint every 2 steps: what exact resume must survive
+    return ["train", "--model", task["model"], "--data", task["train"], "--val-data", task["val"],
+            "--output", output, "--max-steps", "12", "--lr", "1e-2", "--batch-size", "4", "--grad-accum", "2",
+            "--dropout", "0.1", "--seq-len", "64", "--save-every", "2", "--eval-every", "4", "--threads", "1",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def run(task, tmp_path_factory) -> Path:
+    """One uninterrupted LoRA run, shared by the tests that inspect its output."""
+    output = tmp_path_factory.mktemp("run") / "out"
+    r = lorakit(*train_args(task, output))
+    assert r.returncode == 0, r.stderr
+    return output
+
+
+def test_loss_falls_and_metrics_are_logged(run):
+    recs = records(run)
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert all(set(r) >= {"step", "loss", "lr", "tokens_per_s", "epoch"} for r in train)
+    assert train[-1]["loss"] < 0.95 * train[0]["loss"]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert all(set(r) >= {"eval_loss", "eval_ppl", "eval_accuracy"} for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[-1]["eval_ppl"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item(), rel=1e-6)
+    # cosine decay from the peak lr, no warmup
+    assert train[0]["lr"] == pytest.approx(1e-2) and train[-1]["lr"] < train[5]["lr"] < train[0]["lr"]
+
+
+def test_output_folder_holds_exactly_the_run(run, task):
+    from lorakit.config import load_config
+
+    assert {p.name for p in run.iterdir()} == ADAPTER_FILES | {"config.yaml", "metrics.jsonl", "checkpoints"}
+    # keep_last 2 of the checkpoints written at steps 2, 4, ... 12
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-12"]
+    assert {p.name for p in (run / "checkpoints" / "step-12").iterdir()} == CHECKPOINT_FILES
+    state = json.loads((run / "checkpoints" / "step-12" / "trainer_state.json").read_text())
+    # 24 micro-batches at 6 per epoch: the stream stands at the end of epoch 3 (0-based)
+    assert state["step"] == 12 and (state["epoch"], state["batch_index"]) == (3, 6)
+    cfg = load_config(run / "config.yaml")
+    assert cfg.train.lr == 1e-2 and cfg.lora.dropout == 0.1 and cfg.model.name_or_path == str(task["model"].resolve())
+    final = load_file(run / "adapter_model.safetensors")
+    last = load_file(run / "checkpoints" / "step-12" / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_peft_loads_the_adapter_with_the_same_logits(run, task):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import load_adapter
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    base = AutoModelForCausalLM.from_pretrained(task["model"]).eval()
+    with torch.no_grad():
+        plain = base(ids).logits
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(task["model"]), run).eval()
+    ours = load_adapter(AutoModelForCausalLM.from_pretrained(task["model"]), run).eval()
+    with torch.no_grad():
+        a, b = theirs(ids).logits, ours(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - plain).abs().max().item() > 1e-3  # the trained adapter does change the model
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_adapter(run, task, tmp_path):
+    output = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lorakit", *map(str, train_args(task, output))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        while not (output / "checkpoints" / "step-2").is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (output / "adapter_model.safetensors").exists()
+
+    r = lorakit(*train_args(task, output, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stderr
+    expected, got = load_file(run / "adapter_model.safetensors"), load_file(output / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-5
+    assert [r.get("loss") for r in records(output)] == [r.get("loss") for r in records(run)]
+    assert not [p for p in (output / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def in_process(capsys, *args: str | Path) -> tuple[int, str]:
+    """``lorakit ARGS`` through the same ``main`` as the console script, in this process: for the runs that
+    must stop before training, where a fresh interpreter would only add import time. (exit code, stderr)"""
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    code = main(list(map(str, args)))
+    return code, capsys.readouterr().err
+
+
+def test_non_empty_output_is_refused(task, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):  # --overwrite only replaces a lorakit run
+        code, err = in_process(capsys, *train_args(task, output, *extra))
+        assert code == 2
+        assert err.startswith("lorakit: error: --output") and len(err.strip().splitlines()) == 1
+    assert [p.name for p in output.iterdir()] == ["notes.txt"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(task, tmp_path):
+    # lr 1e30: step 1 (computed on the initial weights) is finite, but it moves the adapter to ~1e30, so
+    # step 2's activations overflow and its loss is nan
+    output = tmp_path / "out"
+    r = lorakit("train", "--model", task["model"], "--data", task["train"], "--output", output,
+                "--max-steps", "6", "--lr", "1e30", "--batch-size", "4", "--save-every", "1", "--threads", "1")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lorakit: error: step 2: loss nan is not finite") and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-1"]
+    final = load_file(output / "adapter_model.safetensors")
+    good = load_file(output / "checkpoints" / "step-1" / "adapter_model.safetensors")
+    assert all(torch.isfinite(final[k]).all() and torch.equal(final[k], good[k]) for k in final)
+    assert [r["step"] for r in records(output)] == [1]
+
+
+def test_bad_data_line_is_named_and_nothing_is_written(task, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(task["train"].read_text().splitlines()[0] + "\n" + '{"instruction": "x", "output": \n')
+    output = tmp_path / "out"
+    code, err = in_process(capsys, "train", "--model", task["model"], "--data", data, "--output", output)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{data}:2:" in err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--model", "/no/such/model"], "--model /no/such/model"),
+    (["--lr", "fast"], "--lr"),
+    (["--method", "half"], "--method"),
+])
+def test_bad_model_or_flag_is_one_line(task, tmp_path, capsys, flags, named):
+    output = tmp_path / "out"
+    code, err = in_process(capsys, "train", "--model", task["model"], "--data", task["train"], "--output", output, *flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and named in err
+    assert not output.exists()
+
+
+def test_full_method_saves_a_loadable_model(task, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "out"
+    r = lorakit("train", "--model", task["model"], "--data", task["train"], "--output", output, "--method", "full",
+                "--max-steps", "4", "--lr", "1e-3", "--batch-size", "4", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in output.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "config.yaml", "metrics.jsonl"} <= names
+    assert not names & ADAPTER_FILES
+    recs = records(output)
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    tuned = AutoModelForCausalLM.from_pretrained(output)
+    base = AutoModelForCausalLM.from_pretrained(task["model"])
+    diff = [(a - b).abs().max().item() for a, b in zip(tuned.parameters(), base.parameters(), strict=True)]
+    assert max(diff) > 0  # every weight trains, not an adapter
