@@ -21,8 +21,11 @@ CLEAN = [
     {"instruction": "What is the capital of France?", "output": "Paris."},
     {"instruction": "what is the CAPITAL of france", "output": "Paris, of course."},  # exact after normalizing
     {"instruction": LEAVES, "output": "Chlorophyll absorbs light; the Calvin cycle makes sugar."},
-    {"instruction": LEAVES.replace("of plants", "of green plants"), "output": "Light reactions, then sugar."},
-    {"instruction": LEAVES.replace("leaves", "leaf"), "output": "Jaccard 0.898: just below the threshold."},
+    # near: Jaccard 0.926 over the whole example
+    {"instruction": LEAVES.replace("of plants", "of green plants"),
+     "output": "Chlorophyll absorbs light; the Calvin cycle makes sugars."},
+    # a near prompt (0.898) with another answer: 0.58 over the whole example, not a duplicate
+    {"instruction": LEAVES.replace("leaves", "leaf"), "output": "Light reactions, then sugar."},
     {"instruction": "Name three primary colours.", "output": "Red, yellow and blue."},
     {"instruction": "Translate to German.", "input": "good morning", "output": "Guten Morgen."},
     {"instruction": "Write a haiku about rain.", "output": "Soft rain on the roof / the gutters sing / sleep comes"},
@@ -143,4 +146,4 @@ def test_near_duplicates_agree_with_exact_jaccard():
         assert (index.query(variant) is not None) == similar, edits
         seen[similar] += 1
     assert seen[True] and seen[False]  # both sides of the threshold were tried
-    assert index.query(base.upper() + "!!") == ("exact", 0)
+    assert index.query(base.upper() + "!!") == 0

@@ -50,20 +50,28 @@ def bert(minilm_path):
     return AutoTokenizer.from_pretrained(minilm_path)
 
 
-@pytest.fixture(scope="module")
-def templated():
-    """A word-level tokenizer that adds <s> itself and has a chat template that writes <s> too."""
-    words = "hi hello there how are you fine thanks bye goodbye be nice what is the sky blue".split()
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def word_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that adds <s> itself, with the given chat template."""
+    words = "hi hello there how are you fine thanks bye goodbye be nice what is the sky blue turns".split()
     specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    vocab = {t: i for i, t in enumerate(specials + words + ["?", "!", ".", ","])}
+    vocab = {t: i for i, t in enumerate(specials + words + ["?", "!", ".", ",", "5"])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="</s>", additional_special_tokens=specials[3:])
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tok.chat_template = chat_template
     return tok
+
+
+@pytest.fixture(scope="module")
+def templated():
+    """Its chat template writes <s> too, as Llama 3's does."""
+    return word_tokenizer(TEMPLATE)
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -174,6 +182,23 @@ def test_chat_with_template_trains_on_assistant_turns_only(templated):
     assert trained(templated, ex) == ["hello", "there", "<|end|>", "goodbye", "<|end|>"]
     assert "".join(t for t, _ in to_segments(CHAT, "chat", templated)) == templated.apply_chat_template(
         CHAT["messages"], tokenize=False)
+
+
+def test_a_template_that_rewrites_earlier_turns_still_trains_on_the_answers():
+    # "5 turns" heads the whole conversation but "1 turns" its first message: not prefix-stable
+    tok = word_tokenizer("{{ messages | length }} turns\n" + TEMPLATE)
+    ex = tokenize_record(CHAT, "chat", tok, seq_len=100)
+    assert tok.convert_ids_to_tokens(ex["input_ids"])[:3] == ["<s>", "5", "turns"]
+    assert trained(tok, ex) == ["hello", "there", "goodbye"]
+
+
+def test_a_slow_tokenizer_masks_like_the_fast_one(bert, minilm_path):
+    from transformers import BertTokenizerLegacy
+
+    slow = BertTokenizerLegacy.from_pretrained(minilm_path)
+    assert not slow.is_fast
+    for record, fmt in ((ALPACA_INPUT, "alpaca"), (CHAT, "chat"), (PC, "prompt_completion")):
+        assert tokenize_record(record, fmt, slow, 64) == tokenize_record(record, fmt, bert, 64)
 
 
 # --- tokenization -----------------------------------------------------------------------------------

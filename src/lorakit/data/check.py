@@ -1,10 +1,12 @@
 """`lorakit data check`: find every bad record, then report on the data's quality, without training.
 
-Duplicates are judged on prompts (everything but the answers), normalized: Unicode NFKC, lower
-case, punctuation dropped, whitespace collapsed. Equal normalized prompts are *exact* duplicates;
-*near* duplicates have a Jaccard similarity >= 0.9 between their sets of character 5-grams, found
-with MinHash-LSH (128 permutations, 16 bands of 8 rows: a pair at 0.9 is found with p > 0.999)
-and then confirmed with the exact Jaccard.
+Texts are compared normalized: Unicode NFKC, lower case, punctuation dropped, whitespace collapsed.
+An *exact* duplicate repeats an earlier record's normalized prompt (everything but the answers).
+A *near* duplicate has a Jaccard similarity >= 0.9 with an earlier record between their sets of
+character 5-grams over the whole example, prompt and answer: on prompts alone, templated data
+("Write the number in words.\n663" vs "...6634") is flagged wholesale although each record teaches
+something else. Candidates come from MinHash-LSH (128 permutations, 16 bands of 8 rows: a pair at
+0.9 is found with p > 0.999) and are confirmed with the exact Jaccard.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lorakit.data.formats import (
     FORMATS,
     detect_file_format,
     detect_format,
+    example_text,
     iter_records,
     prompt_text,
     validate_record,
@@ -65,8 +68,8 @@ class CheckReport:
     val_records: int = 0
     val_overlap: int = 0
     warnings: list[str] = field(default_factory=list)
-    near_duplicate_method: str = (f"MinHash-LSH over character {SHINGLE}-grams of normalized prompts, "
-                                  f"confirmed Jaccard >= {NEAR_THRESHOLD}")
+    near_duplicate_method: str = (f"exact: same normalized prompt; near: Jaccard >= {NEAR_THRESHOLD} of character "
+                                  f"{SHINGLE}-grams of the whole example (MinHash-LSH)")
 
     @property
     def ok(self) -> bool:
@@ -98,7 +101,7 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class NearDuplicateIndex:
-    """Prompts added so far, queried for an exact or near (Jaccard >= 0.9) match."""
+    """Texts added so far, queried for an equal or near (Jaccard >= 0.9) one."""
 
     def __init__(self) -> None:
         self.exact: dict[str, int] = {}
@@ -116,11 +119,11 @@ class NearDuplicateIndex:
             self._last = (norm, mine, bands)
         return self._last[1], self._last[2]
 
-    def query(self, text: str) -> tuple[str, int] | None:
-        """``("exact" | "near", id)`` of an earlier prompt that ``text`` duplicates, else None."""
+    def query(self, text: str) -> int | None:
+        """The id of an earlier text that ``text`` equals or nearly duplicates, else None."""
         norm = normalize(text)
         if norm in self.exact:
-            return "exact", self.exact[norm]
+            return self.exact[norm]
         mine, bands = self._sketch(norm)
         seen: set[int] = set()
         for key in bands:
@@ -129,7 +132,7 @@ class NearDuplicateIndex:
                     continue
                 seen.add(slot)
                 if jaccard(mine, self.shingles[slot]) >= NEAR_THRESHOLD:
-                    return "near", self.ids[slot]
+                    return self.ids[slot]
                 if len(seen) >= _MAX_CANDIDATES:
                     return None
         return None
@@ -199,18 +202,23 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
     valid, errors, fmt = _scan(path, fmt)
     report = CheckReport(path=path, format=fmt, records=len(valid), errors=errors, seq_len=seq_len)
 
+    prompts: dict[str, int] = {}
     index = NearDuplicateIndex()
     roles: Counter[str] = Counter()
     for line, record in valid:
-        prompt = prompt_text(record, fmt)
-        hit = index.query(prompt)
-        if hit:
-            kind, earlier = hit
-            report.exact_duplicates += kind == "exact"
-            report.near_duplicates += kind == "near"
-            if len(report.duplicate_examples) < _LISTED:
-                report.duplicate_examples.append(f"{path}:{line}: {kind} duplicate of line {earlier}")
-        index.add(prompt, line)
+        prompt, whole = normalize(prompt_text(record, fmt)), example_text(record, fmt)
+        if prompt in prompts:
+            report.exact_duplicates += 1
+            found = f"exact duplicate of line {prompts[prompt]}"
+        elif (earlier := index.query(whole)) is not None:
+            report.near_duplicates += 1
+            found = f"near duplicate of line {earlier}"
+        else:
+            found = ""
+        if found and len(report.duplicate_examples) < _LISTED:
+            report.duplicate_examples.append(f"{path}:{line}: {found}")
+        prompts.setdefault(prompt, line)
+        index.add(whole, line)
         if fmt == "chat":
             roles.update(m["role"] for m in record["messages"])
     examples = tokenize_records([r for _, r in valid], fmt, tokenizer, seq_len=1 << 62)  # untruncated
@@ -227,7 +235,8 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
         val_valid, val_errors, _ = _scan(str(val_path), fmt if fmt != "unknown" else "auto")
         report.errors += val_errors
         report.val_records = len(val_valid)
-        report.val_overlap = sum(index.query(prompt_text(r, fmt)) is not None for _, r in val_valid)
+        report.val_overlap = sum(normalize(prompt_text(r, fmt)) in prompts or index.query(example_text(r, fmt)) is not None
+                                 for _, r in val_valid)
     report.warnings = _warnings(report)
     return report
 
@@ -238,8 +247,8 @@ def _warnings(r: CheckReport) -> list[str]:
         out.append(f"only {r.records} valid examples: LoRA needs thousands of diverse examples "
                    f"(aim for at least {MIN_EXAMPLES:,})")
     if r.exact_duplicates or r.near_duplicates:
-        out.append(f"{r.exact_duplicates} exact and {r.near_duplicates} near-duplicate prompts: "
-                   "repeated prompts are memorized, not learned; remove them")
+        out.append(f"{r.exact_duplicates} prompts repeat an earlier one and {r.near_duplicates} examples nearly "
+                   "repeat one: duplicates are memorized rather than learned; review and remove them")
     if r.truncated:
         out.append(f"{r.truncated} of {r.records} examples are longer than --seq-len {r.seq_len} "
                    "and would be truncated")
@@ -265,7 +274,7 @@ def format_report(r: CheckReport) -> str:
     if r.errors:
         out.append(f"{len(r.errors)} problems: fix them before training")
     out.append(f"{r.path}: {r.records} valid records, format {r.format}")
-    out.append(f"duplicate prompts: {r.exact_duplicates} exact, {r.near_duplicates} near "
+    out.append(f"duplicates: {r.exact_duplicates} exact, {r.near_duplicates} near "
                f"({r.near_duplicate_method})")
     out += [f"  {d}" for d in r.duplicate_examples]
     out.append(f"tokens per example: {_stats(r.token_lengths)}")

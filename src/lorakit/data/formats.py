@@ -334,3 +334,14 @@ def prompt_text(record: dict, fmt: str) -> str:
     if fmt == "text":
         return record.get("text", "")
     return "\n".join(m["content"] for m in record["messages"] if m["role"] != "assistant")
+
+
+def example_text(record: dict, fmt: str) -> str:
+    """Question and answers together (for near-duplicate checks)."""
+    if fmt == "alpaca":
+        return f"{prompt_text(record, fmt)}\n{record.get('output', '')}"
+    if fmt == "prompt_completion":
+        return f"{record.get('prompt', '')}\n{record.get('completion', '')}"
+    if fmt == "text":
+        return record.get("text", "")
+    return "\n".join(m["content"] for m in record["messages"])
