@@ -26,8 +26,9 @@ from lorakit.lora.targets import is_linear, output_head_names, select_targets
 # plus one fp32 constant per 256 such absmaxes: 4 + 8/64 + 32/(64·256) = 4.127 bits ≈ 0.516 B.
 # int8 is LLM.int8() (Dettmers et al. 2022): 1 byte per weight plus one fp32 scale per output row,
 # added per layer in `base_bytes`. Only the linear layers are quantized; embeddings, norms, biases
-# and the output head stay bf16, as bitsandbytes and QLoRA do.
-BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": (4 + 8 / 64 + 32 / (64 * 256)) / 8}
+# and the output head stay bf16, as QLoRA and lorakit.quant do (see `quantizes`).
+NF4_BLOCK = 64
+BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": (4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * 256)) / 8}
 ADAMW_STATES = 2  # m and v, each fp32 (4 B) per trainable parameter
 
 # Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -47,7 +48,7 @@ LOGITS_BYTES = 16
 ASSUMPTIONS = [
     "full FT: fp32 weights + fp32 gradients + AdamW m, v = 16 B/param (as bf16 weights/grads + fp32 master copy)",
     "LoRA: base in bf16, 2 B/param; adapters: fp32 weights, gradients and AdamW m, v = 16 B/param",
-    "QLoRA: linear layers but the output head in nf4 (0.516 B/param) or int8 (1 B + fp32 per row); the rest bf16",
+    "QLoRA: nn.Linear but the output head in nf4 (0.516 B/param) or int8 (1 B + fp32 per row); the rest bf16",
     "activations: 34·s·b·h B per layer, 16-bit (Korthikanti et al. 2022 eq. 1; +5·a·s²·b with eager attention)",
     "logits: 16 B per token per vocabulary entry at the loss (fp32 logits, log-softmax and their gradients)",
 ]
@@ -137,17 +138,25 @@ def lora_params(module: nn.Module, r: int) -> int:
     return r * (fan_in + fan_out)
 
 
+def quantizes(path: str, module: nn.Module, storage: str, heads: set[str]) -> bool:
+    """Whether lorakit's QLoRA loader (lorakit.quant) stores this module's weight in ``storage``: every
+    plain nn.Linear but the output head; nf4 also needs whole 64-weight blocks per row. GPT-2's Conv1D
+    stays 16-bit."""
+    if type(module) is not nn.Linear or path in heads:
+        return False
+    return storage != "nf4" or module.in_features % NF4_BLOCK == 0
+
+
 def base_bytes(model: nn.Module, storage: str) -> int:
-    """Bytes of the frozen base with its linear layers (but the output head) in ``storage``
-    (nf4, int8), everything else in bf16; ``storage`` bf16 or fp32 applies to every parameter."""
+    """Bytes of the frozen base: ``storage`` bf16 or fp32 for every parameter, or nf4/int8 for the linear
+    weights lorakit quantizes (``quantizes``) and bf16 for the rest. Tied weights count once."""
     if storage in ("bf16", "fp32"):
         return math.ceil(sum(p.numel() for p in model.parameters()) * BYTES[storage])
     heads = output_head_names(model)
-    quantized: dict[int, float] = {}  # id(weight) -> bytes, so a shared weight counts once
+    quantized: dict[int, float] = {}  # id(weight) -> bytes
     for path, m in model.named_modules():
-        if path and is_linear(m) and path not in heads:
-            rows = m.weight.shape[1] if isinstance(m, Conv1D) else m.weight.shape[0]
-            scales = 4 * rows if storage == "int8" else 0
+        if quantizes(path, m, storage, heads):
+            scales = 4 * m.out_features if storage == "int8" else 0  # one fp32 scale per output row
             quantized[id(m.weight)] = m.weight.numel() * BYTES[storage] + scales
     rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
     return math.ceil(sum(quantized.values()) + rest * BYTES["bf16"])
@@ -193,7 +202,8 @@ def estimate(model_config: PretrainedConfig | str, r: int, target_modules: list[
         raise LorakitError(f"--quantization must be none, int8 or nf4, got {quantization!r}")
     cfg = load_model_config(model_config) if isinstance(model_config, str) else model_config
     model = build_on_meta(cfg)
-    paths = select_targets(model, target_modules, list(exclude_modules))
+    exclude = exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules)
+    paths = select_targets(model, target_modules, exclude)
     modules = dict(model.named_modules())
     trainable = sum(lora_params(modules[p], r) for p in paths)
     return ParamsReport(
@@ -218,7 +228,7 @@ def _gib(n: int) -> str:
 
 
 def _fewer(x: float) -> str:
-    """9281.6 -> '≈9,300×': two significant figures, as the LoRA paper rounds (Hu et al. 2021, §1)."""
+    """9281.6 -> '≈9,300×': two significant figures."""
     digits = max(0, int(math.floor(math.log10(x))) - 1) if x >= 1 else 0
     return f"≈{round(x, -digits):,.0f}×"
 

@@ -84,6 +84,16 @@ def test_quantized_bytes_match_bitsandbytes():
     assert report.memory["qlora"]["frozen_weights"] == linears + 4 * rows + 2 * rest
 
 
+def test_qlora_quantizes_what_lorakit_quant_quantizes():
+    # nf4 needs in_features % 64 == 0: of h=32, I=64 only down_proj (64 -> 32) is quantized
+    report = estimate(tiny_llama(), 8, ["q_proj"], quantization="nf4")
+    down = 2 * 64 * 32
+    assert report.memory["qlora"]["frozen_weights"] == math.ceil(down * BYTES["nf4"] + (report.total - down) * 2)
+    # GPT-2's Conv1D is not a bitsandbytes linear: its QLoRA base is the bf16 base
+    gpt2 = estimate(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=64), 8, ["c_attn"])
+    assert gpt2.memory["qlora"]["frozen_weights"] == gpt2.memory["lora"]["frozen_weights"] == 2 * gpt2.total
+
+
 @pytest.mark.parametrize("name, cfg, targets", [
     ("gpt2 Conv1D", GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=64), ["c_attn"]),
     ("llama all-linear, tied", tiny_llama(tie_word_embeddings=True), "all-linear"),
@@ -132,6 +142,18 @@ def test_activation_estimate_matches_saved_tensors():
 
     per_layer = (saved_bytes(3) - saved_bytes(1)) / 2
     assert per_layer == pytest.approx(ACT_PER_LAYER * 2 * 64 * 128, rel=0.1)
+
+
+def test_eager_attention_and_checkpointing_terms():
+    b, s, h, layers, heads = 2, 64, 32, 2, 4
+    sdpa = estimate(tiny_llama(), 4, ["q_proj"], batch_size=b, seq_len=s).memory["lora"]
+    assert sdpa["activations"] == layers * ACT_PER_LAYER * s * b * h
+    eager = estimate(tiny_llama(attn_implementation="eager"), 4, ["q_proj"], batch_size=b, seq_len=s)
+    assert eager.memory["lora"]["activations"] == layers * (ACT_PER_LAYER * s * b * h + 5 * heads * s * s * b)
+    ckpt = estimate(tiny_llama(), 4, ["q_proj"], batch_size=b, seq_len=s, gradient_checkpointing=True)
+    assert ckpt.memory["lora"]["activations"] == layers * 2 * s * b * h + ACT_PER_LAYER * s * b * h
+    excluded = estimate(tiny_llama(), 4, "all-linear", exclude_modules=["o_proj", "down_proj"])
+    assert excluded.targets == 2 * 5
 
 
 def test_target_matching_nothing_names_target_and_the_choices():
