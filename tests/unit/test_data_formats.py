@@ -118,6 +118,15 @@ def test_read_records_names_the_first_bad_line(tmp_path):
         read_records(tmp_path / "absent.jsonl")
 
 
+def test_jsonl_survives_crlf_a_bom_and_unicode_line_separators(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"text": "a\u2028b"}\r\n{"text": "ok"}\r\n'.encode())
+    assert read_records(path) == [(1, {"text": "a\u2028b"}), (2, {"text": "ok"})]
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(LorakitError, match=r"d\.jsonl:2: not UTF-8 text"):
+        read_records(path)
+
+
 # --- formats --------------------------------------------------------------------------------------
 
 

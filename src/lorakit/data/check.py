@@ -165,6 +165,8 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 def _scan(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[str], str]:
     """Valid ``(line, record)`` pairs, every problem as ``path:line: what``, and the format used."""
     items = list(iter_records(path))
+    if not items:
+        return [], [f"{path}: no records (expected a JSON array or JSONL of objects)"], fmt
     objects = [(line, value) for line, value, problem in items if problem is None]
     if fmt == "auto":
         try:
@@ -272,7 +274,7 @@ def format_report(r: CheckReport) -> str:
     """The human-readable report: bad records first, one per line, then the quality figures."""
     out = list(r.errors)
     if r.errors:
-        out.append(f"{len(r.errors)} problems: fix them before training")
+        out.append(f"{len(r.errors)} problem{'s' if len(r.errors) > 1 else ''}: fix before training")
     out.append(f"{r.path}: {r.records} valid records, format {r.format}")
     out.append(f"duplicates: {r.exact_duplicates} exact, {r.near_duplicates} near "
                f"({r.near_duplicate_method})")

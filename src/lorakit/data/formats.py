@@ -42,31 +42,37 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8-sig")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise LorakitError(f"{p}: data file not found") from None
     except IsADirectoryError:
         raise LorakitError(f"{p}: is a folder, expected a JSON or JSONL file") from None
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
-        yield line, None, f"not UTF-8 text (byte {e.start})"
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as some editors write
+    if raw.lstrip()[:1] != b"[":
+        yield from _iter_jsonl(raw)
         return
-    if text.lstrip().startswith("["):
-        yield from _iter_array(text)
-    else:
-        yield from _iter_jsonl(text)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield raw[: e.start].count(b"\n") + 1, None, f"not UTF-8 text (byte {e.start})"
+        return
+    yield from _iter_array(text)
 
 
 def _object_problem(value: Any) -> str | None:
     return None if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
 
 
-def _iter_jsonl(text: str) -> Iterator[tuple[int, Any, str | None]]:
-    for number, line in enumerate(text.splitlines(), 1):
+def _iter_jsonl(raw: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    # split bytes on \n only: str.splitlines would also split at U+2028 inside a JSON string
+    for number, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield number, None, f"not UTF-8 text (column {e.start + 1})"
+            continue
         except json.JSONDecodeError as e:
             yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
             continue
