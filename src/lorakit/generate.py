@@ -21,28 +21,32 @@ from lorakit.model import load_model, load_tokenizer, resolve_model_path
 PROMPT_FORMATS = ("raw", "alpaca", "chat")
 
 
-def model_config_for(model: str | None, adapter: str | None) -> ModelConfig:
+def model_config_for(model: str | None, adapter: str | None, quantization: str | None = None) -> ModelConfig:
     """The base to load: ``--model``, else the one the adapter was trained on (its ``config.yaml`` from
-    ``lorakit train``, with the same dtype and quantization, else ``adapter_config.json``)."""
+    ``lorakit train``, with the same dtype and quantization, else ``adapter_config.json``); ``quantization``
+    (``--quantization``) overrides the trained one."""
     trained = Path(adapter) / "config.yaml" if adapter else None
     if trained is not None and trained.is_file():
         cfg = load_config(trained).model
-        return ModelConfig(name_or_path=model or cfg.name_or_path, dtype=cfg.dtype, quantization=cfg.quantization)
+        return ModelConfig(name_or_path=model or cfg.name_or_path, dtype=cfg.dtype,
+                           quantization=quantization or cfg.quantization)
     if model:
-        return ModelConfig(name_or_path=model)
+        return ModelConfig(name_or_path=model, quantization=quantization or "none")
     if adapter:
         base = read_adapter(adapter)[0].get("base_model_name_or_path")
         if base:
-            return ModelConfig(name_or_path=base)
+            return ModelConfig(name_or_path=base, quantization=quantization or "none")
     raise LorakitError("--model is required (the adapter folder names no base model)")
 
 
-def load_for_generation(model: str | None, adapter: str | None = None, scale: float = 1.0) -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer): the base, plus the adapter at ``adapter`` scaled by ``scale``."""
+def load_for_generation(model: str | None, adapter: str | None = None, scale: float = 1.0,
+                        quantization: str | None = None) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer): the base (stored as ``quantization``, else as trained), plus the
+    adapter at ``adapter`` scaled by ``scale``."""
     if adapter and not (Path(adapter) / "adapter_config.json").is_file() and (Path(adapter) / "config.json").is_file():
         raise LorakitError(f"--adapter {adapter}: a full model folder (from --method full), not an adapter; "
                            f"pass it as --model {adapter}")
-    cfg = model_config_for(model, adapter)
+    cfg = model_config_for(model, adapter, quantization)
     tokenizer = load_tokenizer(resolve_model_path(cfg.name_or_path))
     base = load_model(cfg)
     if adapter:
@@ -67,6 +71,24 @@ def format_prompt(tokenizer: Any, prompt: str, fmt: str) -> str:
     return prompt
 
 
+class _Streamer(TextStreamer):
+    """TextStreamer (new text printed a word at a time) that hides a stop string and what follows it.
+    Words reach ``on_finalized_text`` whole, so a stop string without spaces is never split."""
+
+    def __init__(self, tokenizer: Any, stop: list[str] | None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop, self.stopped = stop or [], False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            text = ""
+        for s in self.stop:
+            if s in text:
+                text, self.stopped = text.split(s)[0], True
+        if text or stream_end:
+            super().on_finalized_text(text, stream_end)
+
+
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids as training saw the start of an example: the tokenizer's prefix (bos, [CLS]) once, then
     the text; no suffix ([SEP], eos) that would end the sequence before the answer."""
@@ -79,8 +101,8 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 def complete(model: nn.Module, tokenizer: Any, text: str, max_new_tokens: int = 128, temperature: float = 0.0,
              stop: list[str] | None = None, stream: bool = True) -> str:
     """Generate a continuation of ``text`` (greedy at temperature 0) until eos, a ``stop`` string or
-    ``max_new_tokens``, printing tokens to stdout as they come when ``stream``; returns the new text
-    without special tokens or the stop string."""
+    ``max_new_tokens``, printing tokens to stdout as they come when ``stream`` (ending with a newline);
+    returns the new text without special tokens or the stop string."""
     ids = encode_prompt(tokenizer, text)
     if not ids:
         raise LorakitError("the prompt is empty and the tokenizer has no bos token to start from")
@@ -89,7 +111,7 @@ def complete(model: nn.Module, tokenizer: Any, text: str, max_new_tokens: int = 
     out = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
         pad_token_id=pad_token_id(tokenizer), use_cache=True, stop_strings=stop, tokenizer=tokenizer if stop else None,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+        streamer=_Streamer(tokenizer, stop) if stream else None,
         **sampling)  # (1, T + new)
     new = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
     for s in stop or []:
@@ -97,8 +119,16 @@ def complete(model: nn.Module, tokenizer: Any, text: str, max_new_tokens: int = 
     return new
 
 
-def chat(model: nn.Module, tokenizer: Any, lines: TextIO, max_new_tokens: int, temperature: float) -> None:
-    """A REPL: each input line is a user turn; the history grows with both sides of the conversation."""
+def chat_stop(tokenizer: Any) -> list[str] | None:
+    """ChatML's end of turn is plain text to a tokenizer that lacks it as a special token: stop on it.
+    A tokenizer's own chat template ends turns with its eos, where generation stops anyway."""
+    return None if getattr(tokenizer, "chat_template", None) else ["<|im_end|>"]
+
+
+def chat(model: nn.Module, tokenizer: Any, lines: TextIO, max_new_tokens: int,
+         temperature: float) -> list[dict[str, str]]:
+    """A REPL: each input line is a user turn, answered with the whole conversation so far as the prompt.
+    Returns the conversation."""
     messages: list[dict[str, str]] = []
     interactive = lines.isatty()
     while True:
@@ -110,15 +140,14 @@ def chat(model: nn.Module, tokenizer: Any, lines: TextIO, max_new_tokens: int, t
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        # ChatML's end of turn is plain text to a tokenizer that lacks it as a special token: stop on it
-        stop = None if getattr(tokenizer, "chat_template", None) else ["<|im_end|>"]
-        reply = complete(model, tokenizer, chat_prompt(tokenizer, messages), max_new_tokens, temperature, stop)
-        print(flush=True)
+        reply = complete(model, tokenizer, chat_prompt(tokenizer, messages), max_new_tokens, temperature,
+                         chat_stop(tokenizer))
         messages.append({"role": "assistant", "content": reply.strip()})
+    return messages
 
 
 def generate_command(model: str | None, adapter: str | None, scale: float, max_new_tokens: int,
-                     temperature: float, prompt: str | None, fmt: str, seed: int) -> int:
+                     temperature: float, prompt: str | None, fmt: str, seed: int, quantization: str | None = None) -> int:
     """What ``lorakit generate`` runs: one completion of ``prompt``, or the chat REPL when it is None."""
     if max_new_tokens < 1:
         raise LorakitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -127,10 +156,10 @@ def generate_command(model: str | None, adapter: str | None, scale: float, max_n
     if fmt not in PROMPT_FORMATS:
         raise LorakitError(f"--format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
     torch.manual_seed(seed)
-    m, tokenizer = load_for_generation(model, adapter, scale)
+    m, tokenizer = load_for_generation(model, adapter, scale, quantization)
     if prompt is None:
         chat(m, tokenizer, sys.stdin, max_new_tokens, temperature)
     else:
-        complete(m, tokenizer, format_prompt(tokenizer, prompt, fmt), max_new_tokens, temperature)
-        print(flush=True)
+        stop = chat_stop(tokenizer) if fmt == "chat" else None
+        complete(m, tokenizer, format_prompt(tokenizer, prompt, fmt), max_new_tokens, temperature, stop)
     return 0

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -54,22 +55,20 @@ def load_model(cfg: ModelConfig, full_training: bool = False, device: torch.devi
     device = device or default_device()
     kwargs: dict = {"dtype": resolve_dtype(cfg, full_training)}
     if cfg.quantization != "none":
-        from transformers import BitsAndBytesConfig
-
         if full_training:
             raise LorakitError(f"--quantization {cfg.quantization} freezes the base; it needs --method lora")
-        compute = kwargs["dtype"] if kwargs["dtype"] != torch.float32 else torch.bfloat16
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if cfg.quantization == "int8"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        from lorakit.quant import load_quantized
+
+        # each linear is quantized as it is read; the rest is bf16 unless --dtype says otherwise (QLoRA)
+        model, report = load_quantized(name, cfg.quantization, torch.bfloat16 if cfg.dtype == "auto" else
+                                       kwargs["dtype"], device)
+        print(report.summary(), file=sys.stderr)
+        return model
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as e:
         raise LorakitError(f"--model {cfg.name_or_path}: could not load the model ({_first_line(e)})") from None
-    if cfg.quantization == "none":
-        model.to(device)
-    return model
+    return model.to(device)
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.errors import LorakitError
 from lorakit.lora.function import LoraLinearFunction, compute_dtype
 
 
@@ -81,8 +82,10 @@ class LoraLinear(LoraLayer):
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.fan_in_fan_out = isinstance(base, Conv1D)
-        self.in_features, self.out_features = (
-            self.weight.shape[::-1] if not self.fan_in_fan_out else self.weight.shape)
+        if isinstance(base, nn.Linear):  # also bitsandbytes' quantized linears, whose packed weight has another shape
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            self.in_features, self.out_features = self.weight.shape
         self._cast: tuple | None = None  # (source version, dtype, cast weight): frozen W cast once, not per step
 
     def adapter_shapes(self, r: int):
@@ -92,8 +95,18 @@ class LoraLinear(LoraLayer):
         d = b @ a  # (out, in)
         return d.t() if self.fan_in_fan_out else d
 
+    @property
+    def quantized(self) -> bool:
+        """QLoRA: the base weight is packed by bitsandbytes (NF4 in uint8, LLM.int8 rows in int8)."""
+        return self.weight.dtype in (torch.uint8, torch.int8)
+
     def weight_as(self, dtype: torch.dtype) -> Tensor:
-        """The base weight as (out, in) in ``dtype``; a frozen weight is cast once and cached."""
+        """The base weight as (out, in) in ``dtype``; a frozen weight is cast once and cached, a quantized
+        one is dequantized anew on every call (caching it would undo the memory saving)."""
+        if self.quantized:
+            from lorakit.quant.bnb import dequantize
+
+            return dequantize(self.weight, self.base_layer, dtype)
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         if w.dtype == dtype or w.requires_grad:
             return w.to(dtype)
@@ -104,14 +117,19 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
-        w = self.weight_as(dtype)
         run = self.running()
-        if len(run) == 1:
-            ad = run[0]
-            return LoraLinearFunction.apply(x, w, self.bias, ad.lora_A, ad.lora_B, ad.scaling * ad.scale,
-                                            ad.dropout, self.training)
-        y = F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
-        for ad in run:  # several adapters at once: summed, each with its own strength
+        if self.quantized:  # the fused function saves W for backward; this path dequantizes it again there
+            from lorakit.quant.bnb import QuantizedLinearFunction
+
+            y = QuantizedLinearFunction.apply(x, self.bias, self, dtype)
+        else:
+            w = self.weight_as(dtype)
+            if len(run) == 1:
+                ad = run[0]
+                return LoraLinearFunction.apply(x, w, self.bias, ad.lora_A, ad.lora_B, ad.scaling * ad.scale,
+                                                ad.dropout, self.training)
+            y = F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
+        for ad in run:  # a quantized base, or several adapters at once: summed, each with its own strength
             xd = F.dropout(x, ad.dropout, self.training).to(dtype)
             y = y + (xd @ ad.lora_A.to(dtype).t()) @ ad.lora_B.to(dtype).t() * (ad.scaling * ad.scale)
         return y
@@ -193,6 +211,9 @@ def init_adapter(layer: LoraLayer, name: str, method: str) -> None:
 def _init_pissa(layer: LoraLayer, ad: LoraAdapter) -> None:
     if not isinstance(layer, LoraLinear):
         raise ValueError("PiSSA init applies to linear layers only")
+    if layer.quantized:
+        raise LorakitError("--init pissa moves W's top singular vectors into the adapter, which needs a 16-bit "
+                           "base; use --quantization none or another --init")
     w = layer.weight.float()
     w = w.t() if layer.fan_in_fan_out else w  # (out, in)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
