@@ -74,6 +74,8 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic); else sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--quantization", choices=("none", "int8", "nf4"),
+                   help="store the base as nf4/int8 (QLoRA) or 16-bit (default: as the adapter was trained)")
     p.add_argument("--format", default="raw", choices=("raw", "alpaca", "chat"),
                    help="wrap --prompt as training rendered it: raw text, the alpaca template, or one chat turn")
     what = p.add_mutually_exclusive_group(required=True)
@@ -84,12 +86,31 @@ def _generate(sub: argparse._SubParsersAction) -> None:
         from lorakit.generate import generate_command
 
         return generate_command(a.model, a.adapter, a.scale, a.max_new_tokens, a.temperature,
-                                None if a.chat else a.prompt, a.format, a.seed)
+                                None if a.chat else a.prompt, a.format, a.seed, a.quantization)
 
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data, _train, _generate]
+def _merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into its base and save a plain model folder (QLoRA: in bf16)")
+    p.add_argument("--model", help="base model folder or hub id (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format, e.g. a lorakit train output)")
+    p.add_argument("--output", required=True, help="new folder for the merged model")
+    p.add_argument("--quantization", choices=("none", "int8", "nf4"),
+                   help="the base to merge onto (default: as trained); a quantized one is dequantized first")
+    p.add_argument("--warn-above", dest="warn_above", type=float, default=0.5,
+                   help="warn when a logit moves more than this vs the adapter on its training base")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.lora.merge import merge_to_folder
+
+        merge_to_folder(a.model, a.adapter, a.output, a.quantization, a.warn_above)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_params, _data, _train, _generate, _merge]
 
 
 def build_parser() -> argparse.ArgumentParser:
