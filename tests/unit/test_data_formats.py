@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lorakit.config import DataConfig
+from lorakit.data.check import check_file
 from lorakit.data.formats import (
     CHATML_TEMPLATE,
     detect_format,
@@ -199,6 +200,20 @@ def test_a_template_that_rewrites_earlier_turns_still_trains_on_the_answers():
     ex = tokenize_record(CHAT, "chat", tok, seq_len=100)
     assert tok.convert_ids_to_tokens(ex["input_ids"])[:3] == ["<s>", "5", "turns"]
     assert trained(tok, ex) == ["hello", "there", "goodbye"]
+
+
+def test_a_conversation_the_template_refuses_is_a_one_line_error_naming_its_line(tmp_path):
+    tok = word_tokenizer("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + TEMPLATE)
+    no_system = {"messages": CHAT["messages"][1:]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [no_system, CHAT, no_system])
+    with pytest.raises(LorakitError, match=r"chat\.jsonl: the tokenizer's chat template rejects this conversation: "
+                                           r"System role not supported"):
+        load_datasets(DataConfig(train=str(path)), tok)
+    report = check_file(path, tok, seq_len=64)
+    assert report.records == 2
+    assert report.errors == [f"{path}:2: the tokenizer's chat template rejects this conversation: "
+                             "System role not supported"]
 
 
 def test_a_slow_tokenizer_masks_like_the_fast_one(bert, minilm_path):

@@ -30,6 +30,7 @@ from lorakit.data.formats import (
     example_text,
     iter_records,
     prompt_text,
+    to_segments,
     validate_record,
 )
 from lorakit.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_records
@@ -162,8 +163,8 @@ def _percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank[50], "p90": rank[90], "p99": rank[99], "max": s[-1]}
 
 
-def _scan(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[str], str]:
-    """Valid ``(line, record)`` pairs, every problem as ``path:line: what``, and the format used."""
+def _scan(path: str, fmt: str, tokenizer: Any) -> tuple[list[tuple[int, dict]], list[str], str]:
+    """Valid ``(line, record)`` pairs, every problem as ``path:line: what`` in line order, the format."""
     items = list(iter_records(path))
     if not items:
         return [], [f"{path}: no records (expected a JSON array or JSONL of objects)"], fmt
@@ -186,6 +187,11 @@ def _scan(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[str], str]:
             problems = validate_record(record, fmt)
             if problems and own not in (None, fmt):
                 problems = [f"record looks like {own} but the file is {fmt}"]
+            if not problems:
+                try:  # a chat template may refuse a conversation (e.g. "roles must alternate")
+                    to_segments(record, fmt, tokenizer)
+                except LorakitError as e:
+                    problems = [str(e)]
         if problems:
             errors += [(line, p) for p in problems]
         else:
@@ -201,7 +207,7 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
     if seq_len < 1:
         raise LorakitError(f"--seq-len must be positive, got {seq_len}")
     path = str(path)
-    valid, errors, fmt = _scan(path, fmt)
+    valid, errors, fmt = _scan(path, fmt, tokenizer)
     report = CheckReport(path=path, format=fmt, records=len(valid), errors=errors, seq_len=seq_len)
 
     prompts: dict[str, int] = {}
@@ -234,11 +240,11 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
 
     if val_path is not None:
         report.val_path = str(val_path)
-        val_valid, val_errors, _ = _scan(str(val_path), fmt if fmt != "unknown" else "auto")
+        val_valid, val_errors, val_fmt = _scan(str(val_path), fmt if fmt != "unknown" else "auto", tokenizer)
         report.errors += val_errors
         report.val_records = len(val_valid)
-        report.val_overlap = sum(normalize(prompt_text(r, fmt)) in prompts or index.query(example_text(r, fmt)) is not None
-                                 for _, r in val_valid)
+        report.val_overlap = sum(normalize(prompt_text(r, val_fmt)) in prompts
+                                 or index.query(example_text(r, val_fmt)) is not None for _, r in val_valid)
     report.warnings = _warnings(report)
     return report
 

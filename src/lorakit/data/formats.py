@@ -277,7 +277,10 @@ def _template_segments(messages: list[dict], tokenizer: Any) -> list[tuple[str, 
     after the generation prompt (so the response includes the template's end-of-turn marker).
     Templates that rewrite earlier turns (not prefix-stable) fall back to locating each answer.
     """
-    full = _render(tokenizer, messages)
+    try:
+        full = _render(tokenizer, messages)
+    except Exception as e:  # jinja errors and the template's own raise_exception (e.g. "roles must alternate")
+        raise LorakitError(f"the tokenizer's chat template rejects this conversation: {e}") from None
     out: list[tuple[str, bool]] = []
     done = ""
     try:

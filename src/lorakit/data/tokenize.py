@@ -244,7 +244,10 @@ def _valid_records(path: str, fmt: str) -> tuple[list[dict], str]:
 
 
 def _tokenize_all(records: list[dict], fmt: str, tokenizer: Any, cfg: DataConfig, where: str) -> list[dict]:
-    examples = tokenize_records(records, fmt, tokenizer, cfg.seq_len, cfg.train_on_prompt)
+    try:
+        examples = tokenize_records(records, fmt, tokenizer, cfg.seq_len, cfg.train_on_prompt)
+    except LorakitError as e:
+        raise LorakitError(f"{where}: {e} (lorakit data check {where} lists the records)") from None
     kept = [ex for ex in examples if any(t != IGNORE_INDEX for t in ex["labels"])]
     if len(kept) < len(examples):
         # the prompt alone fills seq_len: nothing of the answer is left to learn from
