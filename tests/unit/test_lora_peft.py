@@ -189,7 +189,7 @@ def test_no_match_names_close_matches_and_available():
     with pytest.raises(LorakitError) as e:
         lorakit.add_lora(tiny_llama(), LoraConfig(target_modules=["q_prj", "nothing"]))
     msg = str(e.value)
-    assert "q_proj" in msg and "did you mean" in msg and "Available:" in msg and "down_proj" in msg
+    assert "q_proj" in msg and "did you mean" in msg and "available:" in msg and "down_proj" in msg
     assert "\n" not in msg
 
 

@@ -157,7 +157,7 @@ def test_eager_attention_and_checkpointing_terms():
 
 
 def test_target_matching_nothing_names_target_and_the_choices():
-    with pytest.raises(LorakitError, match=r"--target nosuch .*Available: .*q_proj"):
+    with pytest.raises(LorakitError, match=r"--target nosuch .*available: .*q_proj"):
         estimate(tiny_llama(), 4, ["nosuch"])
 
 
@@ -182,7 +182,7 @@ def test_cli_bad_target_is_one_line_exit_2():
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lorakit: error: --target nosuch,other")
-    assert "Available:" in lines[0] and "q_proj" in lines[0]
+    assert "available:" in lines[0] and "q_proj" in lines[0]
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 

@@ -1,7 +1,8 @@
 """Which modules get an adapter: PEFT's matching rules, with errors that say what exists.
 
 - a list of names: a module matches when its path equals a name or ends with ``"." + name``;
-- a single string: a regex that must match the whole module path (``re.fullmatch``);
+- a single string: a regex that must match the whole module path (``re.fullmatch``), except that a bare
+  name such as ``"q_proj"`` means that one name (PEFT would only match a top-level module);
 - ``"all-linear"``: every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, quantized linears)
   except the output head (the module whose weight the model reports as its output embeddings).
 """
@@ -46,6 +47,8 @@ def supported(module: nn.Module) -> bool:
 
 
 def _name_matches(path: str, names: Iterable[str] | str) -> bool:
+    if isinstance(names, str) and re.fullmatch(r"[\w.]+", names):
+        names = [names]  # a bare module name ("q_proj") means that name, not a whole-path regex
     if isinstance(names, str):
         return re.fullmatch(names, path) is not None
     return any(path == n or path.endswith("." + n) for n in names)
@@ -94,4 +97,4 @@ def no_match_message(model: nn.Module, target_modules: list[str] | str, exclude:
         msg += " (after --exclude)"
     if close:
         msg += f"; did you mean {', '.join(close)}?"
-    return msg + f" Available: {', '.join(leaf_names) or '(no linear, embedding or conv2d layers)'}"
+    return msg + f"; available: {', '.join(leaf_names) or '(no linear, embedding or conv2d layers)'}"
