@@ -237,3 +237,51 @@ def test_full_method_saves_a_loadable_model(task, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(task["model"])
     diff = [(a - b).abs().max().item() for a, b in zip(tuned.parameters(), base.parameters(), strict=True)]
     assert max(diff) > 0  # every weight trains, not an adapter
+
+
+def test_early_stopping_on_a_flat_eval_loss(task, tmp_path, capsys):
+    # lr 0: the eval loss never improves after the first eval, so patience 2 stops at the third
+    output = tmp_path / "out"
+    code, err = in_process(capsys, "train", "--model", task["model"], "--data", task["train"], "--val-data",
+                           task["val"], "--output", output, "--max-steps", "10", "--lr", "0", "--eval-every", "1",
+                           "--patience", "2", "--batch-size", "4", "--threads", "1")
+    assert code == 0, err
+    assert [r["step"] for r in records(output) if "eval_loss" in r] == [1, 2, 3]
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path, capsys):
+    """With two micro-batches per step, the logged loss is sum(token losses) / (label tokens of the step),
+    not the mean of the two micro-batch means (they differ when answers differ in length)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config import DataConfig
+    from lorakit.data import collate, length_grouped_batches, load_datasets
+    from lorakit.data.tokenize import load_tokenizer
+
+    data = tmp_path / "varied.jsonl"
+    with open(data, "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"instruction": f"Question {i}?", "output": " ".join(["forty two"] * (1 + 3 * (i % 4)))})
+                    + "\n")
+    output = tmp_path / "out"
+    code, err = in_process(capsys, "train", "--model", task["model"], "--data", data, "--output", output,
+                           "--max-steps", "1", "--lr", "0", "--batch-size", "2", "--grad-accum", "2", "--threads", "1")
+    assert code == 0, err
+    logged = records(output)[0]["loss"]
+
+    tok = load_tokenizer(str(task["model"]))
+    examples, _ = load_datasets(DataConfig(train=str(data)), tok)
+    model = AutoModelForCausalLM.from_pretrained(task["model"]).eval()  # lr 0 and B = 0: the base's loss
+    sums, counts = [], []
+    for ids in length_grouped_batches(examples, 2, seed=0, epoch=0)[:2]:
+        b = collate([examples[i] for i in ids], pad_id=0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        sums.append(F.cross_entropy(logits[:, :-1].float().transpose(1, 2), b["labels"][:, 1:], reduction="sum").item())
+        counts.append(int((b["labels"][:, 1:] != -100).sum()))
+    token_mean = sum(sums) / sum(counts)
+    mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / 2
+    assert abs(token_mean - mean_of_means) > 1e-3  # the data makes the two definitions disagree
+    assert logged == pytest.approx(token_mean, abs=1e-4)
