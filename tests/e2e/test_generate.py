@@ -27,19 +27,31 @@ def trained(tmp_path_factory) -> dict:
     return {"model": model, "adapter": adapter}
 
 
-def generate(*args) -> str:
-    r = lorakit("generate", "--format", "alpaca", "--prompt", PROMPT, "--max-new-tokens", "12", *args)
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    """``lorakit generate ARGS`` through the console script's ``main``, in this process (no import time)."""
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    code = main(["generate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def answer(capsys, *args) -> str:
+    code, out, err = in_process(capsys, "--format", "alpaca", "--prompt", PROMPT, "--max-new-tokens", "12", *args)
+    assert code == 0, err
+    return out
+
+
+def test_adapter_answers_and_scale_zero_is_the_base(trained, capsys):
+    # the real console command once, in a fresh interpreter; no --model: the base comes from config.yaml
+    r = lorakit("generate", "--adapter", trained["adapter"], "--format", "alpaca", "--prompt", PROMPT,
+                "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def test_adapter_answers_and_scale_zero_is_the_base(trained):
-    base = generate("--model", trained["model"])
-    # no --model: the base comes from the adapter folder's config.yaml
-    tuned = generate("--adapter", trained["adapter"])
-    off = generate("--adapter", trained["adapter"], "--scale", "0")
-    assert tuned == ANSWER + "\n"
-    assert off == base and base != tuned
+    assert r.stdout == ANSWER + "\n"
+    base = answer(capsys, "--model", trained["model"])
+    off = answer(capsys, "--adapter", trained["adapter"], "--scale", "0")
+    assert off == base and base != r.stdout
 
 
 class Chunks(io.StringIO):
@@ -79,16 +91,6 @@ def test_chat_keeps_the_history(trained, monkeypatch):
     assert f"<|im_start|>assistant\n{history[1]['content']}<|im_end|>\n" in second
     assert second.startswith("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
     assert second.endswith("<|im_start|>user\nhow are you?<|im_end|>\n<|im_start|>assistant\n")
-
-
-def in_process(capsys, *args) -> tuple[int, str, str]:
-    """``lorakit generate ARGS`` through the console script's ``main``, in this process (no import time)."""
-    from lorakit.cli import main
-
-    capsys.readouterr()
-    code = main(["generate", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_chat_cli_answers_each_stdin_line(trained, capsys, monkeypatch):
