@@ -77,11 +77,11 @@ def publish_files(write: Callable[[Path], None], dest: Path) -> list[str]:
     return names
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` next to ``path``, fsync, then rename over ``path``: the old file or the new, whole."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
+    write(tmp)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 

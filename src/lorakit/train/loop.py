@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import RunConfig, config_to_dict, load_config
+from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import pad_token_id
 from lorakit.errors import LorakitError
@@ -37,7 +37,7 @@ from lorakit.train.checkpoint import (
     load_checkpoint,
     publish_files,
     save_checkpoint,
-    write_text_atomic,
+    write_atomic,
 )
 from lorakit.train.optim import build_optimizer, lr_at
 
@@ -153,13 +153,14 @@ def train(cfg: RunConfig) -> TrainResult:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     saved = dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False, overwrite=False))
-    write_text_atomic(output / "config.yaml", _yaml(saved))
+    write_atomic(output / "config.yaml", lambda p: save_config(saved, p))
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        write_text_atomic(output / "metrics.jsonl", (checkpoint / "metrics.jsonl").read_text())
+        # the log as of the checkpoint: records of steps after it are recomputed
+        write_atomic(output / "metrics.jsonl", lambda p: shutil.copyfile(checkpoint / "metrics.jsonl", p))
         print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
     else:
-        write_text_atomic(output / "metrics.jsonl", "")
+        write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
     stream = BatchStream(train_set, t.batch_size, t.seed, pad_id, state["epoch"], state["batch_index"])
     metrics = open(output / "metrics.jsonl", "a")
     progress = _Progress(total_steps, state["step"])
@@ -284,12 +285,6 @@ def _save_final(model: nn.Module, tokenizer: Any, folder: Path, method: str, bas
         model.config.use_cache = True
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-
-
-def _yaml(cfg: RunConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 class _Progress:
