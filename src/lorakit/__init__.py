@@ -3,8 +3,8 @@
 from lorakit.config import LoraConfig, RunConfig, load_config
 from lorakit.errors import LorakitError
 from lorakit.lora import (
-    add_lora,
     adapter_names,
+    add_lora,
     count_parameters,
     disable_adapters,
     load_adapter,

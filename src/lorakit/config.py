@@ -46,7 +46,7 @@ class LoraConfig:
     r: int = _opt(8, "LoRA rank r")
     alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r")
     dropout: float = _opt(0.0, "dropout on the LoRA path's input")
-    target_modules: Union[list[str], str] = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")
+    target_modules: list[str] | str = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")
     exclude_modules: list[str] = _opt([], "comma list of module names to leave alone", flag="--exclude")
     rslora: bool = _opt(False, "scale by alpha/sqrt(r) (rsLoRA)")
     init: str = _opt("kaiming", "kaiming (B=0: a no-op), gaussian, or pissa")

@@ -1,8 +1,8 @@
 """The LoRA engine: layers, injection, merge, PEFT-format I/O."""
 
 from lorakit.lora.inject import (
-    add_lora,
     adapter_names,
+    add_lora,
     count_parameters,
     disable_adapters,
     lora_layers,

@@ -74,7 +74,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str], weights: Sequence[
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.adapters]
     if weights is not None:
-        for n, w in zip(names, weights):
+        for n, w in zip(names, weights, strict=True):
             set_adapter_scale(model, w, n)
 
 
@@ -101,7 +101,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, d in zip(layers, before):
+        for layer, d in zip(layers, before, strict=True):
             layer.disabled = d
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.fileio import write_atomic
 from lorakit.lora.inject import inject, lora_layers
 from lorakit.lora.layer import LoraEmbedding, wrap
 from lorakit.lora.targets import base_modules, supported
@@ -111,21 +111,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config = adapter_config(model, name, base_model_name_or_path)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
-
-
-def _atomic(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:

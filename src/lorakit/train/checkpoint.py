@@ -77,15 +77,6 @@ def publish_files(write: Callable[[Path], None], dest: Path) -> list[str]:
     return names
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` next to ``path``, fsync, then rename over ``path``: the old file or the new, whole."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --- the trainable weights -------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import pad_token_id
 from lorakit.errors import LorakitError
+from lorakit.fileio import write_atomic
 from lorakit.lora import add_lora, save_adapter
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
 from lorakit.train.checkpoint import (
@@ -37,7 +38,6 @@ from lorakit.train.checkpoint import (
     load_checkpoint,
     publish_files,
     save_checkpoint,
-    write_atomic,
 )
 from lorakit.train.optim import build_optimizer, lr_at
 
