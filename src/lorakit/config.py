@@ -108,7 +108,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     batch_size: int = _opt(8, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    bf16: bool = _opt(True, "bf16 autocast (CPU and CUDA)")
+    precision: str = _opt("auto", "auto (bf16 autocast where the hardware runs bf16 natively, else fp32), bf16 or fp32")
     save_every: int = _opt(0, "write checkpoints/step-N every N steps (0: off)")
     keep_last: int = _opt(2, "checkpoints to keep")
     eval_every: int = _opt(0, "evaluate on validation data every N steps (0: at the end only)")
@@ -122,6 +122,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise LorakitError(f"--method must be lora or full, got {self.method!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise LorakitError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear"):
             raise LorakitError(f"--schedule must be cosine or linear, got {self.schedule!r}")
         for name in ("batch_size", "grad_accum"):

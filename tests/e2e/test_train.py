@@ -266,7 +266,8 @@ def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path,
                     + "\n")
     output = tmp_path / "out"
     code, err = in_process(capsys, "train", "--model", task["model"], "--data", data, "--output", output,
-                           "--max-steps", "1", "--lr", "0", "--batch-size", "2", "--grad-accum", "2", "--threads", "1")
+                           "--max-steps", "1", "--lr", "0", "--batch-size", "2", "--grad-accum", "2", "--threads", "1",
+                           "--precision", "bf16")
     assert code == 0, err
     logged = records(output)[0]["loss"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -29,6 +28,7 @@ from torch import nn
 from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import pad_token_id
+from lorakit.device import cpu_threads, use_bf16
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
 from lorakit.lora import add_lora, save_adapter
@@ -122,7 +122,7 @@ def train(cfg: RunConfig) -> TrainResult:
     checkpoint = _check_output(output, t.resume, t.overwrite)
 
     # --- load and check everything before writing anything -------------------------------------------
-    torch.set_num_threads(t.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(t.threads or cpu_threads())
     random.seed(t.seed)
     torch.manual_seed(t.seed)  # LoRA init and dropout draw from it; CUDA generators are seeded too
     # an absolute model path, so config.yaml and adapter_config.json work from any directory
@@ -133,6 +133,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if checkpoint is not None:
         _check_same_run(output / "config.yaml", cfg)
     model = load_model(cfg.model, full_training=t.method == "full")
+    bf16 = use_bf16(t.precision, next(model.parameters()).device)
     pad_id = pad_token_id(tokenizer)
     if t.method == "lora":
         add_lora(model, cfg.lora)
@@ -182,7 +183,7 @@ def train(cfg: RunConfig) -> TrainResult:
         n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro))
         step_loss, n_tokens = 0.0, sum(int(b["attention_mask"].sum()) for b in micro)
         for b in micro:
-            logits, targets = shifted_logits(model, b, t.bf16)
+            logits, targets = shifted_logits(model, b, bf16)
             token_loss = F.cross_entropy(logits, targets, reduction="sum")
             (token_loss / n_labels).backward()
             step_loss += token_loss.item() / n_labels
@@ -214,7 +215,7 @@ def train(cfg: RunConfig) -> TrainResult:
         progress.update(step, loss, lr, n_tokens)
 
         if val_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-            result = evaluate(model, val_set, t.batch_size, pad_id, t.bf16)
+            result = evaluate(model, val_set, t.batch_size, pad_id, bf16)
             eval_loss = result["eval_loss"]
             log({"step": step, **result})
             if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
