@@ -110,17 +110,65 @@ def _merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data, _train, _generate, _merge]
+def _eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="exact match on held-out examples and perplexity on text, base vs adapter")
+    p.add_argument("--model", help="base model folder or hub id (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", help="adapter folder: the base is evaluated with it and without it")
+    p.add_argument("--data", help="held-out alpaca/chat/prompt_completion examples: greedy exact match")
+    p.add_argument("--retain", help="text file: perplexity (forgetting, when compared with the base)")
+    p.add_argument("--limit", type=int, help="use the first N examples of --data")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                   help="answer length cap (default: the longest reference's tokens plus 4)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="perplexity window (default: the model's context)")
+    p.add_argument("--show", type=int, default=0, help="also print N example answers")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.evaluate import eval_command
+
+        return eval_command(a.model, a.adapter, a.data, a.retain, a.limit, a.max_new_tokens, a.seq_len, a.show,
+                            a.json)
+
+    p.set_defaults(func=run)
+
+
+def _quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="LoRA vs full fine-tune vs base on the bundled example, offline: a table")
+    p.add_argument("--config", help="run config for both trainings (default examples/configs/quickstart.yaml)")
+    p.add_argument("--output", help="folder for the runs and report.md/report.json (default runs/quickstart)")
+    p.add_argument("--model", help="base model folder (default: the config's)")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's steps (a shorter run)")
+    p.add_argument("--limit", type=int, help="test examples for exact match (default 200)")
+    p.add_argument("--test", help="held-out examples (default examples/data/task_test.jsonl)")
+    p.add_argument("--retain", help="held-out text for perplexity (default examples/data/retain.txt)")
+    p.add_argument("--full-lr", dest="full_lr", type=float, help="learning rate of the full fine-tune")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.quickstart import quickstart
+
+        quickstart(**{k: v for k, v in vars(a).items() if k not in ("command", "func") and v is not None})
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_params, _data, _train, _generate, _merge, _eval, _quickstart]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage dump), like every other lorakit error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA: data -> adapter -> merge -> serve")
+    parser = _Parser(prog="lorakit", description="LoRA and QLoRA: data -> adapter -> merge -> serve")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
