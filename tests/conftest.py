@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("LORAKIT_CACHE", tempfile.mkdtemp(prefix="lorakit-test-cache-"))  # subprocesses inherit it
 
 
 @pytest.fixture(scope="session")

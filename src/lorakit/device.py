@@ -1,8 +1,10 @@
-"""Where tensors live and which precision their matmuls can afford there."""
+"""Where things live: the cores and precision a machine affords, and lorakit's cache folder."""
 
 from __future__ import annotations
 
 import os
+
+from pathlib import Path
 
 import torch
 
@@ -29,3 +31,8 @@ def bf16_native(device: torch.device | str) -> bool:
 def use_bf16(precision: str, device: torch.device | str) -> bool:
     """``precision`` auto (bf16 where native), bf16 or fp32 -> whether to run under bf16 autocast."""
     return precision == "bf16" or (precision == "auto" and bf16_native(device))
+
+
+def data_cache_dir() -> Path:
+    """Tokenized data, keyed by content hash: ``$LORAKIT_CACHE/data`` (default ``~/.cache/lorakit/data``)."""
+    return Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "data"

@@ -28,7 +28,7 @@ from torch import nn
 from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import pad_token_id
-from lorakit.device import cpu_threads, use_bf16
+from lorakit.device import cpu_threads, data_cache_dir, use_bf16
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
 from lorakit.lora import add_lora, save_adapter
@@ -129,7 +129,7 @@ def train(cfg: RunConfig) -> TrainResult:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path)))
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
+    train_set, val_set = load_datasets(cfg.data, tokenizer, data_cache_dir(), seed=t.seed)
     if checkpoint is not None:
         _check_same_run(output / "config.yaml", cfg)
     model = load_model(cfg.model, full_training=t.method == "full")
