@@ -44,7 +44,7 @@ def test_fused_function_dropout_gradients_use_the_same_mask():
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, a, b), g)
     want = torch.autograd.grad(ref, (x, a, b), g)
-    for u, v in zip(got, want):
+    for u, v in zip(got, want, strict=True):
         torch.testing.assert_close(u, v)
 
 
