@@ -1,0 +1,314 @@
+"""Metrics a fine-tune is judged by: exact match of greedy answers on held-out examples, perplexity on a
+text file (forgetting), and the base model against the same model with its adapter.
+
+Prompts are rendered exactly as training rendered them (``lorakit.data.formats.to_segments``): the
+prompt is every segment before the last response, the reference is that response as written in the
+record. ``lorakit eval`` prints these metrics for a base model and, with ``--adapter``, for both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.data.formats import detect_file_format, read_records, to_segments, validate_record
+from lorakit.data.tokenize import pad_token_id
+from lorakit.errors import LorakitError
+from lorakit.generate import chat_stop, encode_prompt
+from lorakit.lora import disable_adapters, lora_layers
+
+__all__ = ["Prediction", "Report", "compare_with_base", "evaluate_model", "exact_match", "generate_answers",
+           "load_eval_records", "perplexity", "predict", "prompts_and_references"]
+
+
+@dataclass
+class Prediction:
+    prompt: str
+    reference: str
+    output: str
+
+    @property
+    def correct(self) -> bool:
+        """Exact match after stripping surrounding whitespace (case and inner spacing count)."""
+        return self.output.strip() == self.reference.strip()
+
+
+# --- examples -------------------------------------------------------------------------------------
+
+
+def load_eval_records(path: str | Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[dict], str]:
+    """(the first ``limit`` records of a JSON/JSONL file, their format); every one is checked."""
+    records = read_records(path)
+    if not records:
+        raise LorakitError(f"{path}: no records (expected a JSON array or JSONL of objects)")
+    if fmt == "auto":
+        try:
+            fmt = detect_file_format(records)
+        except LorakitError as e:
+            raise LorakitError(f"{path}: {e}") from None
+    if fmt == "text":
+        raise LorakitError(f"{path}: text records have no prompt to answer; give alpaca, chat or "
+                           "prompt_completion records (or use --retain for perplexity on text)")
+    for line, record in records[:limit]:
+        problems = validate_record(record, fmt)
+        if problems:
+            raise LorakitError(f"{path}:{line}: {problems[0]} (lorakit data check {path} lists every bad record)")
+    return [r for _, r in records[:limit]], fmt
+
+
+def _reference(record: dict, fmt: str) -> str:
+    if fmt == "alpaca":
+        return record["output"]
+    if fmt == "prompt_completion":
+        return record["completion"]
+    if fmt == "chat":
+        return [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
+    raise LorakitError(f"format {fmt!r} has no answer to compare with; use alpaca, chat or prompt_completion")
+
+
+def prompts_and_references(records: list[dict], fmt: str, tokenizer: Any) -> list[tuple[str, str]]:
+    """(prompt text as training rendered it, reference answer) per record; for a chat, the prompt is the
+    conversation up to its last assistant turn (earlier answers included) and the reference is that turn."""
+    out = []
+    for record in records:
+        segments = to_segments(record, fmt, tokenizer)
+        last = max(i for i, (_, is_response) in enumerate(segments) if is_response)
+        out.append(("".join(text for text, _ in segments[:last]), _reference(record, fmt)))
+    return out
+
+
+# --- generation and exact match ---------------------------------------------------------------------
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode with the KV cache on and no autograd; the previous mode is restored after."""
+    training, use_cache = model.training, getattr(model.config, "use_cache", True)
+    model.eval()
+    model.config.use_cache = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+        model.config.use_cache = use_cache
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends an answer: the generation config's eos (one or a list) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generate_answers(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                     batch_size: int = 64, stop: list[str] | None = None) -> list[str]:
+    """Greedy continuation of each prompt, batched with left padding, each ending at eos or after
+    ``max_new_tokens``; returns the new text without special tokens, cut before any ``stop`` string."""
+    if max_new_tokens < 1:
+        raise LorakitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    pad, eos = pad_token_id(tokenizer), _eos_ids(model, tokenizer)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    # similar lengths share a batch: less padding; answers go back in the caller's order
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    with _inference(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), left-padded
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+            for row, i in enumerate(rows):
+                n = len(encoded[i])
+                input_ids[row, width - n:] = torch.tensor(encoded[i])
+                attention_mask[row, width - n:] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=eos or None)  # (B, T + new)
+            for row, i in enumerate(rows):
+                new = out[row, width:].tolist()
+                ends = [k for k, t in enumerate(new) if t in eos]
+                text = tokenizer.decode(new[:ends[0]] if ends else new, skip_special_tokens=True)
+                for s in stop or []:
+                    text = text.split(s)[0]
+                answers[i] = text
+    return answers
+
+
+def _default_max_new_tokens(tokenizer: Any, references: list[str]) -> int:
+    """Room for the longest reference plus its eos and a little slack: a longer output cannot match."""
+    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 4
+
+
+def predict(model: nn.Module, tokenizer: Any, records: list[dict], max_new_tokens: int | None = None,
+            fmt: str = "auto", batch_size: int = 64) -> list[Prediction]:
+    """Greedy answers to ``records`` (alpaca, chat or prompt_completion dicts) beside their references.
+    ``max_new_tokens`` None: the longest reference's token count plus a margin."""
+    if not records:
+        raise LorakitError("no examples to evaluate")
+    if fmt == "auto":
+        fmt = detect_file_format(list(enumerate(records, 1)))
+    pairs = prompts_and_references(records, fmt, tokenizer)
+    if max_new_tokens is None:
+        max_new_tokens = _default_max_new_tokens(tokenizer, [r for _, r in pairs])
+    stop = chat_stop(tokenizer) if fmt == "chat" else None
+    outputs = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, stop)
+    return [Prediction(p, r, o) for (p, r), o in zip(pairs, outputs, strict=True)]
+
+
+def exact_match(model: nn.Module, tokenizer: Any, records: list[dict], max_new_tokens: int | None = None,
+                fmt: str = "auto", batch_size: int = 64) -> float:
+    """Fraction of ``records`` whose greedy answer equals the reference (surrounding whitespace aside)."""
+    predictions = predict(model, tokenizer, records, max_new_tokens, fmt, batch_size)
+    return sum(p.correct for p in predictions) / len(predictions)
+
+
+# --- perplexity ----------------------------------------------------------------------------------------
+
+
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    """The tokenizer's prefix (bos) once, then the whole text; no warning about its length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    ids = backend.encode(text, add_special_tokens=False).ids if backend is not None else \
+        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return encode_prompt(tokenizer, "") + ids
+
+
+def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int, stride: int | None = None,
+               batch_size: int = 8) -> float:
+    """exp(token-weighted mean next-token NLL) of ``text`` in windows of ``seq_len`` tokens.
+
+    Window k starts at token k·stride (default stride = seq_len: disjoint windows, so each window's
+    first token goes unscored, as ``model(ids, labels=ids).loss`` on each window would score it). With a
+    smaller stride every token after the first is scored exactly once, with up to seq_len - stride tokens
+    of context from the previous window. In the model's dtype, no autocast.
+    """
+    stride = stride or seq_len
+    if seq_len < 2 or not 1 <= stride <= seq_len:
+        raise LorakitError(f"perplexity needs seq_len >= 2 and 1 <= stride <= seq_len, got {seq_len}, {stride}")
+    ids = torch.tensor(_text_ids(tokenizer, text))  # (N,)
+    if len(ids) < 2:
+        raise LorakitError("the text is too short for perplexity: it needs at least one token to predict")
+    # (begin, end, first scored target) per window; a target at t is predicted from position t - 1
+    windows, scored_to = [], 0
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + seq_len, len(ids))
+        windows.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        if end == len(ids):
+            break
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with _inference(model):
+        for start in range(0, len(windows), batch_size):
+            group = windows[start:start + batch_size]
+            for length in sorted({end - begin for begin, end, _ in group}):  # one tensor per window length
+                same = [w for w in group if w[1] - w[0] == length]
+                batch = torch.stack([ids[b:e] for b, e, _ in same]).to(device)  # (B, T)
+                logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V): position t predicts t+1
+                targets = batch[:, 1:].clone()  # (B, T-1)
+                for row, (b, _, first) in enumerate(same):
+                    targets[row, :first - b - 1] = -100  # already scored by the previous window
+                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                       reduction="sum").item()
+                count += int((targets != -100).sum())
+    return math.exp(nll / count)
+
+
+# --- a model's report, base vs adapter ---------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """One model's metrics: exact match on examples and perplexity on text (None where not measured),
+    and the predictions behind the exact match."""
+
+    exact_match: float | None = None
+    perplexity: float | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+
+    def to_dict(self, examples: int = 0) -> dict[str, Any]:
+        """The metrics, and the first ``examples`` predictions as {prompt, reference, output, correct}."""
+        out: dict[str, Any] = {k: v for k, v in (("exact_match", self.exact_match),
+                                                  ("perplexity", self.perplexity)) if v is not None}
+        if examples:
+            out["examples"] = [{**asdict(p), "correct": p.correct} for p in self.predictions[:examples]]
+        return out
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, records: list[dict] | None = None, text: str | None = None,
+                   seq_len: int = 256, max_new_tokens: int | None = None, fmt: str = "auto",
+                   batch_size: int = 64) -> Report:
+    """Exact match on ``records`` and perplexity on ``text``, for those given."""
+    report = Report()
+    if records:
+        report.predictions = predict(model, tokenizer, records, max_new_tokens, fmt, batch_size)
+        report.exact_match = sum(p.correct for p in report.predictions) / len(report.predictions)
+    if text:
+        report.perplexity = perplexity(model, tokenizer, text, seq_len)
+    return report
+
+
+def compare_with_base(model: nn.Module, tokenizer: Any, records: list[dict] | None = None, text: str | None = None,
+                      seq_len: int = 256, max_new_tokens: int | None = None, fmt: str = "auto",
+                      batch_size: int = 64) -> dict[str, Report]:
+    """``{"base": report, "adapter": report}``: the base is the same model with its adapters disabled."""
+    if not any(True for _ in lora_layers(model)):
+        raise LorakitError("the model has no LoRA adapter to compare with its base")
+    args = (records, text, seq_len, max_new_tokens, fmt, batch_size)
+    with disable_adapters(model):
+        base = evaluate_model(model, tokenizer, *args)
+    return {"base": base, "adapter": evaluate_model(model, tokenizer, *args)}
+
+
+def eval_command(model: str | None, adapter: str | None, data: str | None, retain: str | None,
+                 limit: int | None = None, max_new_tokens: int | None = None, seq_len: int | None = None,
+                 show: int = 0, as_json: bool = False) -> int:
+    """What ``lorakit eval`` runs: metrics for the base, and for base + adapter when one is given;
+    ``show`` prints that many example answers too."""
+    from lorakit.generate import load_for_generation
+
+    if not data and not retain:
+        raise LorakitError("nothing to evaluate: give --data (exact match) and/or --retain (perplexity)")
+    if limit is not None and limit < 1:
+        raise LorakitError(f"--limit must be at least 1, got {limit}")
+    if retain and not Path(retain).is_file():
+        raise LorakitError(f"--retain {retain}: no such file")
+    records, fmt = load_eval_records(data, limit=limit) if data else (None, "auto")
+    text = Path(retain).read_text(encoding="utf-8") if retain else None
+    m, tokenizer = load_for_generation(model, adapter)
+    seq_len = seq_len or min(getattr(m.config, "max_position_embeddings", None) or 1024, 1024)
+    args = (records, text, seq_len, max_new_tokens, fmt)
+    reports = compare_with_base(m, tokenizer, *args) if adapter else {"base": evaluate_model(m, tokenizer, *args)}
+    results = {name: r.to_dict(show) for name, r in reports.items()}
+    if as_json:
+        print(json.dumps(results))
+        return 0
+    metrics = [k for k in ("exact_match", "perplexity") if k in results["base"]]
+    print(f"{'model':<10}" + "".join(f"{name:>14}" for name in metrics))
+    for name, values in results.items():
+        print(f"{name:<10}" + "".join(f"{_fmt(k, values[k]):>14}" for k in metrics))
+    for name, values in results.items():
+        for ex in values.get("examples", []):
+            print(f"\n[{name}] {ex['prompt']!r}\n  reference: {ex['reference']!r}\n  output:    {ex['output']!r}")
+    if records:
+        print(f"exact match over {len(records)} examples of {data}; perplexity in windows of {seq_len} tokens",
+              file=sys.stderr)
+    return 0
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric == "exact_match" else f"{value:.3f}"

@@ -1,0 +1,200 @@
+"""`lorakit quickstart`: the README's first command, offline, on the bundled example.
+
+LoRA-fine-tune ``examples/base-model`` on the number-spelling task (``examples/configs/quickstart.yaml``),
+then train every weight on the same data for the same steps (the baseline), then compare base, LoRA
+and full fine-tune: exact match on held-out examples, perplexity on held-out stdlib text (forgetting),
+trainable parameters, peak memory, training speed and time. The table is printed and written to
+``OUTPUT/report.md`` and ``OUTPUT/report.json``.
+
+Each training run and each evaluation is a fresh ``python -m lorakit`` process, so its peak RSS and CPU
+time are its own (``os.wait4``), not the sum of everything before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from lorakit.config import load_config
+from lorakit.errors import LorakitError
+from lorakit.fileio import write_atomic
+
+CONFIG = "examples/configs/quickstart.yaml"
+TEST = "examples/data/task_test.jsonl"
+RETAIN = "examples/data/retain.txt"
+SHOW = 3  # example answers in the report
+COLUMNS = {"exact_match": "exact match", "perplexity": "retain perplexity", "trainable_params": "trainable params",
+           "peak_rss_mb": "peak RSS", "tokens_per_s": "train tokens/s", "train_wall_s": "train wall",
+           "train_cpu_s": "train CPU"}
+
+
+@dataclass
+class ChildUsage:
+    """What one child process cost: wall seconds, CPU seconds (user + system) and peak resident memory."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+
+
+def run_child(args: list[str], capture: bool = False) -> tuple[ChildUsage, str]:
+    """Run ``python -m lorakit ARGS`` in a fresh process (stderr passes through: its progress lines);
+    returns its usage and, with ``capture``, its stdout. A failing child is a LorakitError."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Idle OpenMP threads sleep instead of spinning: on a busy CPU spinning threads starve each other
+    # (20x slower forward passes measured on a shared 2-core machine). Read once when torch loads.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env,
+                            stdout=subprocess.PIPE if capture else None, text=True)
+    out = proc.stdout.read() if capture else ""
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise LorakitError(f"quickstart: `lorakit {' '.join(args)}` failed (exit {proc.returncode}); its error is above")
+    # ru_maxrss is in KiB on Linux
+    return ChildUsage(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024), out
+
+
+def tensor_count(path: Path) -> int:
+    """Elements in a safetensors file, read from its header alone."""
+    with safe_open(str(path), "pt") as f:
+        total = 0
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def training_speed(output: Path) -> float:
+    """Median training tokens/s (non-pad tokens) over the logged intervals of ``OUTPUT/metrics.jsonl``; the
+    first interval (warm-up) is left out when there are others."""
+    rates = [r["tokens_per_s"] for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+             if "tokens_per_s" in r]
+    return statistics.median(rates[1:] or rates)
+
+
+def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str | None = None,
+               max_steps: int | None = None, limit: int = 200, test: str = TEST, retain: str = RETAIN,
+               full_lr: float | None = None) -> dict[str, Any]:
+    """Train LoRA and full fine-tunes from ``config`` into ``OUTPUT/lora`` and ``OUTPUT/full`` (replacing
+    earlier ones), evaluate them and the base on the first ``limit`` examples of ``test`` and on ``retain``,
+    print the table and write ``OUTPUT/report.{md,json}``; returns the report. ``full_lr``: the full
+    fine-tune's learning rate (default: the config's)."""
+    started, load_before = time.perf_counter(), os.getloadavg()
+    flags = {"model": model, "max_steps": max_steps}
+    cfg = load_config(config, flags)  # checks the config before anything runs
+    base = Path(cfg.model.name_or_path)
+    for what, path, hint in (("base model", base, "build it with python examples/build_base_model.py"),
+                             ("test data", Path(test), "write it with python examples/make_task_data.py"),
+                             ("retain text", Path(retain), "build it with python examples/build_base_model.py")):
+        if not path.exists():
+            raise LorakitError(f"quickstart: {what} {path}: not found; run from the repository root "
+                               f"(scripts/quickstart.sh does) or {hint}")
+    if limit < 1:
+        raise LorakitError(f"--limit must be at least 1, got {limit}")
+    out = Path(output)
+    overrides = [arg for k, v in flags.items() if v is not None for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+    runs: dict[str, tuple[Path, ChildUsage]] = {}
+    for method, extra in (("lora", []), ("full", ["--lr", str(full_lr)] if full_lr else [])):
+        folder = out / method
+        print(f"quickstart: training {method} -> {folder}", file=sys.stderr, flush=True)
+        usage, _ = run_child(["train", config, "--output", str(folder), "--overwrite", "--method", method,
+                              *overrides, *extra])
+        runs[method] = (folder, usage)
+
+    print(f"quickstart: evaluating on {limit} examples of {test} and on {retain}", file=sys.stderr, flush=True)
+    evaluation = ["--data", test, "--retain", retain, "--limit", str(limit), "--show", str(SHOW), "--json"]
+    _, lora_json = run_child(["eval", "--adapter", str(runs["lora"][0]), *evaluation], capture=True)
+    _, full_json = run_child(["eval", "--model", str(runs["full"][0]), *evaluation], capture=True)
+    results = {**json.loads(lora_json), "full": json.loads(full_json)["base"]}
+
+    total = tensor_count(base / "model.safetensors")
+    rows = [{"model": "base", **_metrics(results["base"]), "total_params": total}]
+    for method, name in (("lora", "adapter"), ("full", "full")):
+        folder, usage = runs[method]
+        trainable = tensor_count(folder / ("adapter_model.safetensors" if method == "lora" else "model.safetensors"))
+        rows.append({"model": method, **_metrics(results[name]), "trainable_params": trainable,
+                     "total_params": total + trainable if method == "lora" else trainable,
+                     "peak_rss_mb": round(usage.peak_rss_mb, 1), "tokens_per_s": round(training_speed(folder), 1),
+                     "train_wall_s": round(usage.wall_s, 1), "train_cpu_s": round(usage.cpu_s, 1)})
+    children = os.times()
+    report = {
+        "config": config, "model": str(base), "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len, "lr": cfg.train.lr, "full_lr": full_lr or cfg.train.lr, "r": cfg.lora.r,
+        "alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules, "test": test, "test_examples": limit,
+        "retain": retain, "rows": rows,
+        "examples": [{"prompt": ex["prompt"], "reference": ex["reference"],
+                      **{label: results[name]["examples"][i]["output"]
+                         for label, name in (("base", "base"), ("lora", "adapter"), ("full", "full"))}}
+                     for i, ex in enumerate(results["base"].get("examples", []))],
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "load_before": [round(x, 2) for x in load_before],
+                    "load_after": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_s": round(sum(children[:4]), 1),  # this process and every child it waited for
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render(report)
+    write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    write_atomic(out / "report.md", lambda p: p.write_text(markdown))
+    print(markdown)
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
+    return report
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {"exact_match": result["exact_match"], "perplexity": round(result["perplexity"], 3)}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as Markdown: the comparison table, example answers, and how it was measured."""
+    names = {"base": "base model", "lora": f"LoRA r={report['r']}", "full": "full fine-tune"}
+    header = dict(COLUMNS, exact_match=f"exact match ({report['test_examples']} test)")
+    lines = ["| model | " + " | ".join(header.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row in report["rows"]:
+        cells = [names[row["model"]]] + [_cell(k, row.get(k), row) for k in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = report["machine"]
+    lines += ["", f"{report['steps']} steps of batch {report['batch_size']} (seq_len {report['seq_len']}), "
+              f"LoRA lr {report['lr']:g}, full fine-tune lr {report['full_lr']:g}; exact match = greedy answer "
+              f"equals the reference; retain perplexity on {report['retain']} (held-out stdlib source: "
+              "lower is better, a rise is forgetting); peak RSS and CPU time of each training process.",
+              f"Quickstart total: {report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU on {m['cpus']} CPUs "
+              f"(load average {m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after; {m['platform']}).",
+              ""]
+    for ex in report["examples"]:
+        question = ex["prompt"].strip().splitlines()
+        lines.append(f"- `{' / '.join(q for q in question if q and not q.startswith('###'))}` -> "
+                     f"reference `{ex['reference']}`; base `{ex['base'].strip()}`; LoRA `{ex['lora'].strip()}`; "
+                     f"full `{ex['full'].strip()}`")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(key: str, value: Any, row: dict[str, Any]) -> str:
+    if value is None:
+        return "—"
+    if key == "exact_match":
+        return f"{value:.1%}"
+    if key == "perplexity":
+        return f"{value:.2f}"
+    if key == "trainable_params":
+        return f"{value:,} ({value / row['total_params']:.1%})"
+    if key == "peak_rss_mb":
+        return f"{value:,.0f} MB"
+    if key == "tokens_per_s":
+        return f"{value:,.0f}"
+    return f"{value:.0f} s"
