@@ -6,8 +6,8 @@ and full fine-tune: exact match on held-out examples, perplexity on held-out std
 trainable parameters, peak memory, training speed and time. The table is printed and written to
 ``OUTPUT/report.md`` and ``OUTPUT/report.json``.
 
-Each training run and each evaluation is a fresh ``python -m lorakit`` process, so its peak RSS and CPU
-time are its own (``os.wait4``), not the sum of everything before it.
+Each training run is a fresh ``python -m lorakit train`` process, so its peak RSS and CPU time are its own
+(``os.wait4``), not the sum of everything before it; the evaluation runs here, once both have finished.
 """
 
 from __future__ import annotations
@@ -47,23 +47,22 @@ class ChildUsage:
     peak_rss_mb: float
 
 
-def run_child(args: list[str], capture: bool = False) -> tuple[ChildUsage, str]:
-    """Run ``python -m lorakit ARGS`` in a fresh process (stderr passes through: its progress lines);
-    returns its usage and, with ``capture``, its stdout. A failing child is a LorakitError."""
+def run_child(args: list[str]) -> ChildUsage:
+    """Run ``python -m lorakit ARGS`` in a fresh process, its output on our stderr (stdout is the table's);
+    returns its usage. A failing child is a LorakitError."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # Idle OpenMP threads sleep instead of spinning: on a busy CPU spinning threads starve each other
     # (20x slower forward passes measured on a shared 2-core machine). Read once when torch loads.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env,
-                            stdout=subprocess.PIPE if capture else None, text=True)
-    out = proc.stdout.read() if capture else ""
+    sys.stderr.flush()
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=2)  # fd 2: our stderr
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise LorakitError(f"quickstart: `lorakit {' '.join(args)}` failed (exit {proc.returncode}); its error is above")
     # ru_maxrss is in KiB on Linux
-    return ChildUsage(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024), out
+    return ChildUsage(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
 def tensor_count(path: Path) -> int:
@@ -112,15 +111,12 @@ def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str
     for method, extra in (("lora", []), ("full", ["--lr", str(full_lr)] if full_lr else [])):
         folder = out / method
         print(f"quickstart: training {method} -> {folder}", file=sys.stderr, flush=True)
-        usage, _ = run_child(["train", config, "--output", str(folder), "--overwrite", "--method", method,
+        usage = run_child(["train", config, "--output", str(folder), "--overwrite", "--method", method,
                               *overrides, *extra])
         runs[method] = (folder, usage)
 
     print(f"quickstart: evaluating on {limit} examples of {test} and on {retain}", file=sys.stderr, flush=True)
-    evaluation = ["--data", test, "--retain", retain, "--limit", str(limit), "--show", str(SHOW), "--json"]
-    _, lora_json = run_child(["eval", "--adapter", str(runs["lora"][0]), *evaluation], capture=True)
-    _, full_json = run_child(["eval", "--model", str(runs["full"][0]), *evaluation], capture=True)
-    results = {**json.loads(lora_json), "full": json.loads(full_json)["base"]}
+    results = evaluate_runs(runs["lora"][0], runs["full"][0], test, retain, limit)
 
     total = tensor_count(base / "model.safetensors")
     rows = [{"model": "base", **_metrics(results["base"]), "total_params": total}]
@@ -156,6 +152,24 @@ def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str
     return report
 
 
+def evaluate_runs(lora: Path, full: Path, test: str, retain: str, limit: int) -> dict[str, dict[str, Any]]:
+    """``{"base", "adapter", "full"}`` -> metrics and example answers (``Report.to_dict``), in this process: the
+    base is the LoRA run's model with its adapter disabled, so both load once."""
+    from lorakit.evaluate import compare_with_base, evaluate_model, load_eval_records
+    from lorakit.generate import load_for_generation
+
+    records, fmt = load_eval_records(test, limit=limit)
+    text = Path(retain).read_text(encoding="utf-8")
+    model, tokenizer = load_for_generation(None, str(lora))
+    seq_len = model.config.max_position_embeddings
+    results = {name: r.to_dict(SHOW) for name, r in
+               compare_with_base(model, tokenizer, records, text, seq_len, fmt=fmt).items()}
+    del model
+    model, tokenizer = load_for_generation(str(full))
+    results["full"] = evaluate_model(model, tokenizer, records, text, seq_len, fmt=fmt).to_dict(SHOW)
+    return results
+
+
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
     return {"exact_match": result["exact_match"], "perplexity": round(result["perplexity"], 3)}
 
@@ -178,10 +192,16 @@ def render(report: dict[str, Any]) -> str:
               ""]
     for ex in report["examples"]:
         question = ex["prompt"].strip().splitlines()
-        lines.append(f"- `{' / '.join(q for q in question if q and not q.startswith('###'))}` -> "
-                     f"reference `{ex['reference']}`; base `{ex['base'].strip()}`; LoRA `{ex['lora'].strip()}`; "
-                     f"full `{ex['full'].strip()}`")
+        asked = " / ".join(q for q in question if q and not q.startswith("###"))
+        lines.append(f"- `{asked}` -> reference `{ex['reference']}`; base {_quote(ex['base'])}; "
+                     f"LoRA {_quote(ex['lora'])}; full {_quote(ex['full'])}")
     return "\n".join(lines) + "\n"
+
+
+def _quote(answer: str) -> str:
+    """An answer as one line of Markdown code (newlines escaped), shortened past 60 characters."""
+    text = json.dumps(answer.strip(), ensure_ascii=False)[1:-1]
+    return f"`{text[:60]}{'…' if len(text) > 60 else ''}`"
 
 
 def _cell(key: str, value: Any, row: dict[str, Any]) -> str:
