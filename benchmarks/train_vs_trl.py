@@ -3,8 +3,8 @@
 Same model (examples/base-model), same data (examples/data/task_train.jsonl: alpaca rows rendered by
 lorakit's template into TRL prompt/completion pairs, so both train on the same token sequences, loss on
 the answer only), same steps, batch, learning rate and schedule (linear warmup, cosine), AdamW, gradient
-clipping 1.0, LoRA r/alpha/dropout 0 on all linear layers but the head, fp32 for both (this CPU has no
-native bf16: autocast would emulate it ~20x slower), no gradient checkpointing (TRL turns it on by
+clipping 1.0, LoRA r/alpha/dropout 0 on all linear layers but the head, fp32 for both by default
+(`--precision bf16`: bf16 autocast for both; on a CPU without native bf16 it is emulated, ~20x slower), no gradient checkpointing (TRL turns it on by
 default; lorakit by default does not), no packing and no padding-free batches for either, and
 length-grouped batches for both (lorakit's default; TRL's `train_sampling_strategy="group_by_length"`;
 `--trl-sampling random` gives TRL's default order instead).
@@ -13,7 +13,7 @@ Each run is a fresh process (`python -m lorakit train` as a user types it; a pla
 TRL), run alternately (lorakit, trl, lorakit, trl, ...). Per run: process wall time (imports, loading,
 tokenization, training, saving: what the user waits for), training tokens/s (non-pad tokens the
 optimizer steps saw over the training loop's time, counted the same way for both: attention-mask sums),
-peak RSS (os.wait4) and the mean loss of the last 10 steps. Medians over the repeats, with ratios.
+CPU seconds, peak RSS (os.wait4), and the mean loss of the last 10 steps. Medians over the repeats, with ratios.
 
     python benchmarks/train_vs_trl.py [--repeats 2] [--steps 100] [--batch-size 16] [--threads 2]
 """
@@ -39,7 +39,7 @@ def lorakit_flags(a: argparse.Namespace, output: Path) -> list[str]:
     return ["train", "--model", str(a.model), "--data", str(a.data), "--output", str(output), "--overwrite",
             "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
             "--warmup-steps", str(a.warmup_steps), "--r", str(a.r), "--alpha", str(a.alpha), "--target", "all-linear",
-            "--seq-len", str(a.seq_len), "--precision", "fp32", "--log-every", "1", "--threads", str(a.threads),
+            "--seq-len", str(a.seq_len), "--precision", a.precision, "--log-every", "1", "--threads", str(a.threads),
             "--seed", "0"]
 
 
@@ -96,7 +96,7 @@ def trl_child(a: argparse.Namespace, output: Path, result: Path) -> None:
         lr_scheduler_type="cosine", warmup_steps=a.warmup_steps, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         max_length=a.seq_len, packing=False, padding_free=False, completion_only_loss=True,
-        train_sampling_strategy=a.trl_sampling, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        train_sampling_strategy=a.trl_sampling, gradient_checkpointing=False, bf16=a.precision == "bf16", fp16=False, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -113,8 +113,8 @@ def trl_child(a: argparse.Namespace, output: Path, result: Path) -> None:
                                   "losses": [r["loss"] for r in logs]}))
 
 
-def run(argv: list[str]) -> tuple[float, float]:
-    """Run ``python ARGV`` to completion; (wall seconds, peak RSS in MiB) of that process alone."""
+def run(argv: list[str]) -> tuple[float, float, float]:
+    """Run ``python ARGV`` to completion; (wall seconds, CPU seconds, peak RSS in MiB) of that process alone."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: fair on a shared CPU
     start = time.perf_counter()
@@ -125,7 +125,7 @@ def run(argv: list[str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--trl-sampling", default="group_by_length", choices=("group_by_length", "random"))
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--data", type=Path, default=DATA)
@@ -149,7 +150,7 @@ def main() -> None:
         trl_child(a, a.output, a.child)
         return
 
-    passthrough = [arg for arg in sys.argv[1:]]
+    passthrough = sys.argv[1:]
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {"lorakit": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="train_vs_trl-") as tmp:
@@ -157,32 +158,32 @@ def main() -> None:
             for tool in ("lorakit", "trl"):
                 out = Path(tmp) / f"{tool}-{i}"
                 if tool == "lorakit":
-                    wall, rss = run(["-m", "lorakit", *lorakit_flags(a, out)])
+                    wall, cpu, rss = run(["-m", "lorakit", *lorakit_flags(a, out)])
                     tokens, loop_s, losses = lorakit_loop(a, out)
                 else:
                     result = Path(tmp) / f"trl-{i}.json"
-                    wall, rss = run([__file__, *passthrough, "--child", str(result), "--output", str(out)])
+                    wall, cpu, rss = run([__file__, *passthrough, "--child", str(result), "--output", str(out)])
                     r = json.loads(result.read_text())
                     tokens, loop_s, losses = r["tokens"], r["loop_s"], r["losses"]
-                row = {"wall_s": wall, "peak_rss_mb": rss, "tokens": tokens, "tokens_per_s": tokens / loop_s,
+                row = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "tokens": tokens, "tokens_per_s": tokens / loop_s,
                        "loop_s": loop_s, "final_loss": statistics.mean(losses[-10:])}
                 results[tool].append(row)
-                print(f"run {i + 1}/{a.repeats} {tool:8s} wall {wall:6.1f} s  loop {loop_s:6.1f} s  "
+                print(f"run {i + 1}/{a.repeats} {tool:8s} wall {wall:6.1f} s  CPU {cpu:6.1f} s  loop {loop_s:6.1f} s  "
                       f"{row['tokens_per_s']:7.0f} tokens/s  peak RSS {rss:6.0f} MiB  tokens {tokens}  "
                       f"loss(last 10) {row['final_loss']:.3f}", flush=True)
 
     med = {tool: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for tool, rows in results.items()}
-    print(f"\n{a.steps} steps x batch {a.batch_size}, LoRA r={a.r} alpha={a.alpha:g} all-linear, lr {a.lr:g}, fp32, "
+    print(f"\n{a.steps} steps x batch {a.batch_size}, LoRA r={a.r} alpha={a.alpha:g} all-linear, lr {a.lr:g}, {a.precision}, "
           f"{a.threads} threads, no packing/padding-free; batches: lorakit length-grouped, TRL {a.trl_sampling}; "
           f"medians of {a.repeats} alternating runs; load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    print(f"{'':10s}{'wall s':>10s}{'tokens/s':>12s}{'peak RSS MiB':>14s}{'loss':>8s}")
+    print(f"{'':10s}{'wall s':>10s}{'CPU s':>10s}{'tokens/s':>12s}{'peak RSS MiB':>14s}{'loss':>8s}")
     for tool in ("lorakit", "trl"):
         m = med[tool]
-        print(f"{tool:10s}{m['wall_s']:10.1f}{m['tokens_per_s']:12.0f}{m['peak_rss_mb']:14.0f}{m['final_loss']:8.3f}")
-    print(f"{'ratio':10s}{med['lorakit']['wall_s'] / med['trl']['wall_s']:10.2f}"
-          f"{med['lorakit']['tokens_per_s'] / med['trl']['tokens_per_s']:12.2f}"
-          f"{med['lorakit']['peak_rss_mb'] / med['trl']['peak_rss_mb']:14.2f}   (lorakit / trl; "
-          "wall and RSS: lower is better, tokens/s: higher)")
+        print(f"{tool:10s}{m['wall_s']:10.1f}{m['cpu_s']:10.1f}{m['tokens_per_s']:12.0f}{m['peak_rss_mb']:14.0f}"
+              f"{m['final_loss']:8.3f}")
+    ratio = {k: med["lorakit"][k] / med["trl"][k] for k in ("wall_s", "cpu_s", "tokens_per_s", "peak_rss_mb")}
+    print(f"{'ratio':10s}{ratio['wall_s']:10.2f}{ratio['cpu_s']:10.2f}{ratio['tokens_per_s']:12.2f}"
+          f"{ratio['peak_rss_mb']:14.2f}   (lorakit / trl; tokens/s: higher is better, the rest lower)")
 
 
 if __name__ == "__main__":
