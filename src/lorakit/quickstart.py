@@ -6,8 +6,9 @@ and full fine-tune: exact match on held-out examples, perplexity on held-out std
 trainable parameters, peak memory, training speed and time. The table is printed and written to
 ``OUTPUT/report.md`` and ``OUTPUT/report.json``.
 
-Each training run is a fresh ``python -m lorakit train`` process, so its peak RSS and CPU time are its own
-(``os.wait4``), not the sum of everything before it; the evaluation runs here, once both have finished.
+The two trainings run at the same time, each a fresh ``python -m lorakit train`` process on half the cores,
+so each one's peak RSS and CPU time are its own (``os.wait4``); the evaluation runs here once both have
+finished.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,22 +49,50 @@ class ChildUsage:
     peak_rss_mb: float
 
 
-def run_child(args: list[str]) -> ChildUsage:
-    """Run ``python -m lorakit ARGS`` in a fresh process, its output on our stderr (stdout is the table's);
-    returns its usage. A failing child is a LorakitError."""
+def run_children(commands: dict[str, list[str]]) -> dict[str, ChildUsage]:
+    """Run ``python -m lorakit ARGS`` for every named command at once, each line of their output copied to
+    our stderr as ``[name] line`` (stdout is the table's); returns each one's own usage (``os.wait4``).
+    When one fails the others are stopped and a LorakitError names it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # Idle OpenMP threads sleep instead of spinning: on a busy CPU spinning threads starve each other
     # (20x slower forward passes measured on a shared 2-core machine). Read once when torch loads.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    start = time.perf_counter()
-    sys.stderr.flush()
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=2)  # fd 2: our stderr
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN's running max
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise LorakitError(f"quickstart: `lorakit {' '.join(args)}` failed (exit {proc.returncode}); its error is above")
-    # ru_maxrss is in KiB on Linux
-    return ChildUsage(time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    started, procs, copiers = time.perf_counter(), {}, []
+    for name, args in commands.items():
+        proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        procs[proc.pid] = (name, proc)
+        copiers.append(threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{name}] "), daemon=True))
+        copiers[-1].start()
+    usages: dict[str, ChildUsage] = {}
+    try:
+        while len(usages) < len(procs):
+            pid, status, usage = os.wait4(-1, 0)  # whichever ends first, with its own rusage
+            if pid not in procs:
+                continue
+            name, proc = procs[pid]
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            # ru_maxrss is in KiB on Linux
+            usages[name] = ChildUsage(time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
+                                      usage.ru_maxrss / 1024)
+            if proc.returncode != 0:
+                raise LorakitError(f"quickstart: `lorakit {' '.join(commands[name])}` failed (exit "
+                                   f"{proc.returncode}); its error is above, after [{name}]")
+    finally:
+        for _, proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+                proc.wait()
+        for thread in copiers:
+            thread.join()
+    return usages
+
+
+def _copy_lines(stream: Any, prefix: str) -> None:
+    for line in stream:
+        sys.stderr.write(prefix + line)
+        sys.stderr.flush()
+    stream.close()
 
 
 def tensor_count(path: Path) -> int:
@@ -107,13 +137,17 @@ def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str
     out = Path(output)
     overrides = [arg for k, v in flags.items() if v is not None for arg in (f"--{k.replace('_', '-')}", str(v))]
 
-    runs: dict[str, tuple[Path, ChildUsage]] = {}
-    for method, extra in (("lora", []), ("full", ["--lr", str(full_lr)] if full_lr else [])):
-        folder = out / method
-        print(f"quickstart: training {method} -> {folder}", file=sys.stderr, flush=True)
-        usage = run_child(["train", config, "--output", str(folder), "--overwrite", "--method", method,
-                              *overrides, *extra])
-        runs[method] = (folder, usage)
+    # Both runs at once, each on half the cores: a model this small gains little from a second thread
+    # per process (measured: none on 2 cores), while two processes use both cores fully.
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    folders = {method: out / method for method in ("lora", "full")}
+    print(f"quickstart: training LoRA -> {folders['lora']} and full -> {folders['full']} at once, "
+          f"{threads} thread(s) each", file=sys.stderr, flush=True)
+    usages = run_children({method: ["train", config, "--output", str(folder), "--overwrite", "--method", method,
+                                    "--threads", threads, *overrides,
+                                    *(["--lr", str(full_lr)] if full_lr and method == "full" else [])]
+                           for method, folder in folders.items()})
+    runs = {method: (folders[method], usages[method]) for method in folders}
 
     print(f"quickstart: evaluating on {limit} examples of {test} and on {retain}", file=sys.stderr, flush=True)
     results = evaluate_runs(runs["lora"][0], runs["full"][0], test, retain, limit)
@@ -130,6 +164,7 @@ def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str
     children = os.times()
     report = {
         "config": config, "model": str(base), "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum, "threads_per_run": int(threads),
         "seq_len": cfg.data.seq_len, "lr": cfg.train.lr, "full_lr": full_lr or cfg.train.lr, "r": cfg.lora.r,
         "alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules, "test": test, "test_examples": limit,
         "retain": retain, "rows": rows,
@@ -147,7 +182,7 @@ def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str
     markdown = render(report)
     write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     write_atomic(out / "report.md", lambda p: p.write_text(markdown))
-    print(markdown)
+    print(markdown, end="")
     print(f"report: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
     return report
 
@@ -183,10 +218,14 @@ def render(report: dict[str, Any]) -> str:
         cells = [names[row["model"]]] + [_cell(k, row.get(k), row) for k in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     m = report["machine"]
-    lines += ["", f"{report['steps']} steps of batch {report['batch_size']} (seq_len {report['seq_len']}), "
-              f"LoRA lr {report['lr']:g}, full fine-tune lr {report['full_lr']:g}; exact match = greedy answer "
-              f"equals the reference; retain perplexity on {report['retain']} (held-out stdlib source: "
-              "lower is better, a rise is forgetting); peak RSS and CPU time of each training process.",
+    per_step = report["batch_size"] * report["grad_accum"]
+    micro = f" ({report['grad_accum']} micro-batches of {report['batch_size']})" if report["grad_accum"] > 1 else ""
+    lines += ["", f"{report['steps']} steps of {per_step} examples{micro}, seq_len {report['seq_len']}, "
+              f"LoRA lr {report['lr']:g}, full fine-tune lr {report['full_lr']:g}; both trainings at once, "
+              f"{report['threads_per_run']} thread(s) each. Exact match: the greedy answer equals the reference. "
+              f"Retain perplexity: on {report['retain']} (held-out stdlib source; lower is better, a rise is "
+              "forgetting). Peak RSS, CPU time and tokens/s (non-pad tokens, median over logged intervals) "
+              "of each training process.",
               f"Quickstart total: {report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU on {m['cpus']} CPUs "
               f"(load average {m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after; {m['platform']}).",
               ""]

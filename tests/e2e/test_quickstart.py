@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lorakit.errors import LorakitError
+
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "examples" / "base-model"
 COLUMNS = ["model", "exact match (8 test)", "retain perplexity", "trainable params", "peak RSS", "train tokens/s",
@@ -46,13 +48,16 @@ def test_table_compares_base_lora_and_full(quickstart):
     assert base[3:] == ["—"] * 5  # the base trains nothing
     assert lora[3] == f"{LORA_PARAMS:,} (6.9%)" and full[3] == "4,212,992 (100.0%)"
     assert all(cell.endswith("MB") for cell in (lora[4], full[4]))
-    assert (out / "report.md").read_text().startswith(proc.stdout[:proc.stdout.index("\n\n")])
+    assert (out / "report.md").read_text() == proc.stdout  # stdout is the report alone
+    # both trainings' progress reaches stderr, each line tagged with its run
+    assert "[lora] trained 4 steps" in proc.stderr and "[full] trained 4 steps" in proc.stderr
 
 
 def test_report_json_has_every_figure(quickstart):
     _, out = quickstart
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and report["test_examples"] == 8 and report["r"] == 16
+    assert report["batch_size"] * report["grad_accum"] == 16 and report["threads_per_run"] >= 1
     base, lora, full = report["rows"]
     assert [base["model"], lora["model"], full["model"]] == ["base", "lora", "full"]
     assert lora["exact_match"] >= base["exact_match"]
@@ -76,3 +81,13 @@ def test_missing_base_model_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lorakit: error: quickstart: base model") and "build_base_model.py" in err
     assert not out.exists()
+
+
+def test_a_failing_run_stops_the_others_and_is_named(tmp_path, capfd):
+    from lorakit.quickstart import run_children
+
+    with pytest.raises(LorakitError, match=r"failed \(exit 2\); its error is above, after \[bad\]"):
+        run_children({"bad": ["train", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")],
+                      "slow": ["eval", "--model", str(BASE), "--retain", str(ROOT / "examples" / "data" / "retain.txt")]})
+    err = capfd.readouterr().err
+    assert "[bad] lorakit: error: --data" in err and "missing.jsonl" in err
