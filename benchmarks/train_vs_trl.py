@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=96)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--trl-sampling", default="group_by_length", choices=("group_by_length", "random"))
