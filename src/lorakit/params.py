@@ -44,6 +44,11 @@ ACT_SCORES = 5
 # + the fp32 log-softmax kept for backward (4) + at the start of backward the fp32 gradients of the
 # loss and of the log-softmax (4 + 4). Measured: the saved part is 4.0 B.
 LOGITS_BYTES = 16
+# The training process before any weight: Python, torch, transformers, tokenizers (measured: peak RSS of
+# `lorakit train`'s imports on CPU, 382 MiB) and for QLoRA bitsandbytes too (427 MiB: it imports
+# torch.compile's machinery). Without it a measured peak RSS is 0.4 GiB above the estimate, which at
+# 1B parameters is a third of a QLoRA run. On a GPU the CUDA context is of the same order.
+RUNTIME_BYTES = {"full": 382 * 2**20, "lora": 382 * 2**20, "qlora": 427 * 2**20}
 
 ASSUMPTIONS = [
     "full FT: fp32 weights + fp32 gradients + AdamW m, v = 16 B/param (as bf16 weights/grads + fp32 master copy)",
@@ -51,6 +56,7 @@ ASSUMPTIONS = [
     "QLoRA: nn.Linear but the output head in nf4 (0.516 B/param) or int8 (1 B + fp32 per row); the rest bf16",
     "activations: 34·s·b·h B per layer, 16-bit (Korthikanti et al. 2022 eq. 1; +5·a·s²·b with eager attention)",
     "logits: 16 B per token per vocabulary entry at the loss (fp32 logits, log-softmax and their gradients)",
+    "runtime: the process itself (Python, torch, transformers; + bitsandbytes for QLoRA), measured on CPU",
 ]
 
 
@@ -183,13 +189,13 @@ def memory_breakdown(model: nn.Module, trainable: int, quantization: str, batch_
     total = sum(p.numel() for p in model.parameters())
     act = activation_bytes(model, batch_size, seq_len, checkpointing)
 
-    def method(frozen: int, trained: int) -> dict[str, int]:
+    def method(name: str, frozen: int, trained: int) -> dict[str, int]:
         parts = {"frozen_weights": frozen, "trainable_weights": 4 * trained, "gradients": 4 * trained,
-                 "optimizer": ADAMW_STATES * 4 * trained, **act}
+                 "optimizer": ADAMW_STATES * 4 * trained, **act, "runtime": RUNTIME_BYTES[name]}
         return {**parts, "total": sum(parts.values())}
 
-    return {"full": method(0, total), "lora": method(base_bytes(model, "bf16"), trainable),
-            "qlora": method(base_bytes(model, quantization), trainable)}
+    return {"full": method("full", 0, total), "lora": method("lora", base_bytes(model, "bf16"), trainable),
+            "qlora": method("qlora", base_bytes(model, quantization), trainable)}
 
 
 def estimate(model_config: PretrainedConfig | str, r: int, target_modules: list[str] | str,
@@ -238,7 +244,7 @@ def render(report: ParamsReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 140))
     targets = report.target_modules if isinstance(report.target_modules, str) else ",".join(report.target_modules)
     console.print(f"{report.model} ({report.architecture}): LoRA r={report.r} on {targets}, {report.targets} modules")
     counts = Table("parameters", "count", "")
@@ -249,7 +255,8 @@ def render(report: ParamsReport) -> None:
     console.print(counts)
     ckpt = ", gradient checkpointing" if report.gradient_checkpointing else ""
     console.print(f"training memory in GiB: batch {report.batch_size} × seq {report.seq_len}{ckpt}, AdamW")
-    cols = ["frozen_weights", "trainable_weights", "gradients", "optimizer", "activations", "logits", "total"]
+    cols = ["frozen_weights", "trainable_weights", "gradients", "optimizer", "activations", "logits", "runtime",
+            "total"]
     mem = Table("method", *(c.replace("_", " ") + ("*" if c in ("activations", "logits") else "") for c in cols))
     for column in mem.columns[1:]:
         column.justify = "right"
