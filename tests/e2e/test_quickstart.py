@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,13 @@ def test_missing_base_model_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_a_failing_run_stops_the_others_and_is_named(tmp_path, capfd):
     from lorakit.quickstart import run_children
 
+    slow = tmp_path / "slow"  # 5000 steps: many minutes unless it is stopped
+    started = time.perf_counter()
     with pytest.raises(LorakitError, match=r"failed \(exit 2\); its error is above, after \[bad\]"):
         run_children({"bad": ["train", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")],
-                      "slow": ["eval", "--model", str(BASE), "--retain", str(ROOT / "examples" / "data" / "retain.txt")]})
+                      "slow": ["train", "--model", str(BASE), "--data", str(ROOT / "examples" / "data" / "task_train.jsonl"),
+                               "--output", str(slow), "--max-steps", "5000", "--threads", "1"]})
+    assert time.perf_counter() - started < 120
+    assert not (slow / "adapter_model.safetensors").exists()
     err = capfd.readouterr().err
     assert "[bad] lorakit: error: --data" in err and "missing.jsonl" in err
