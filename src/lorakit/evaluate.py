@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data.formats import detect_file_format, read_records, to_segments, validate_record
-from lorakit.data.tokenize import pad_token_id
+from lorakit.data.formats import detect_file_format, to_segments
+from lorakit.data.tokenize import pad_token_id, valid_records
 from lorakit.errors import LorakitError
 from lorakit.generate import chat_stop, encode_prompt
 from lorakit.lora import disable_adapters, lora_layers
@@ -48,22 +48,11 @@ class Prediction:
 
 def load_eval_records(path: str | Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[dict], str]:
     """(the first ``limit`` records of a JSON/JSONL file, their format); every one is checked."""
-    records = read_records(path)
-    if not records:
-        raise LorakitError(f"{path}: no records (expected a JSON array or JSONL of objects)")
-    if fmt == "auto":
-        try:
-            fmt = detect_file_format(records)
-        except LorakitError as e:
-            raise LorakitError(f"{path}: {e}") from None
+    records, fmt = valid_records(path, fmt, limit)
     if fmt == "text":
         raise LorakitError(f"{path}: text records have no prompt to answer; give alpaca, chat or "
                            "prompt_completion records (or use --retain for perplexity on text)")
-    for line, record in records[:limit]:
-        problems = validate_record(record, fmt)
-        if problems:
-            raise LorakitError(f"{path}:{line}: {problems[0]} (lorakit data check {path} lists every bad record)")
-    return [r for _, r in records[:limit]], fmt
+    return records, fmt
 
 
 def _reference(record: dict, fmt: str) -> str:

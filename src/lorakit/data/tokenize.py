@@ -225,8 +225,10 @@ def _write_cache(path: Path, train: list[dict], val: list[dict]) -> None:
             os.unlink(tmp)
 
 
-def _valid_records(path: str, fmt: str) -> tuple[list[dict], str]:
-    records = read_records(path)
+def valid_records(path: str | Path, fmt: str, limit: int | None = None) -> tuple[list[dict], str]:
+    """(the first ``limit`` records of a JSON/JSONL file, their format): the format detected when ``auto``,
+    every returned record checked, the first bad one raised as ``file:line: problem``."""
+    records = read_records(path)[:limit]
     if not records:
         raise LorakitError(f"{path}: no records (expected a JSON array or JSONL of objects)")
     if fmt == "auto":
@@ -278,9 +280,9 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None
         tensors = load_file(str(cached))
         return _from_tensors("train", tensors), _from_tensors("val", tensors)
 
-    train_records, fmt = _valid_records(cfg.train, cfg.format)
+    train_records, fmt = valid_records(cfg.train, cfg.format)
     if cfg.val:
-        val_records, _ = _valid_records(cfg.val, fmt)
+        val_records, _ = valid_records(cfg.val, fmt)
     elif cfg.val_fraction > 0:
         order = list(range(len(train_records)))
         random.Random(seed).shuffle(order)
