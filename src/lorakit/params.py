@@ -45,10 +45,10 @@ ACT_SCORES = 5
 # loss and of the log-softmax (4 + 4). Measured: the saved part is 4.0 B.
 LOGITS_BYTES = 16
 # The training process before any weight: Python, torch, transformers, tokenizers (measured: peak RSS of
-# `lorakit train`'s imports on CPU, 382 MiB) and for QLoRA bitsandbytes too (427 MiB: it imports
-# torch.compile's machinery). Without it a measured peak RSS is 0.4 GiB above the estimate, which at
-# 1B parameters is a third of a QLoRA run. On a GPU the CUDA context is of the same order.
-RUNTIME_BYTES = {"full": 382 * 2**20, "lora": 382 * 2**20, "qlora": 427 * 2**20}
+# `lorakit train`'s imports on CPU, 382 MiB), and for QLoRA bitsandbytes too (386 MiB). Without it a
+# measured peak RSS is 0.4 GiB above the estimate, a third of a 1B-parameter QLoRA run. On a GPU the
+# CUDA context is of the same order.
+RUNTIME_BYTES = {"full": 382 * 2**20, "lora": 382 * 2**20, "qlora": 386 * 2**20}
 
 ASSUMPTIONS = [
     "full FT: fp32 weights + fp32 gradients + AdamW m, v = 16 B/param (as bf16 weights/grads + fp32 master copy)",

@@ -13,11 +13,27 @@ second time in backward instead of keeping it).
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _import_bitsandbytes():
+    """bitsandbytes, imported with ``torch.compile`` as the identity. On import it wraps its pure-PyTorch
+    fallback kernels (MPS, odd shapes, 8-bit optimizers) in torch.compile, which loads torch's compiler
+    stack: about 4 s and 40 MiB in every process, for kernels lorakit does not call (NF4 and int8 go
+    through the native CPU and CUDA kernels). The fallbacks then run eagerly, as when compiling fails."""
+    compile_ = torch.compile
+    torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)
+    try:
+        import bitsandbytes
+    finally:
+        torch.compile = compile_
+    return bitsandbytes
+
+
+bnb = _import_bitsandbytes()
+bnbf = bnb.functional
 
 NF4_BLOCKSIZE = 64  # QLoRA §3; the nested absmax quantization uses bitsandbytes' blocks of 256
 NF4_BITS = 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * 256)  # 4.127 bits per weight
