@@ -14,6 +14,7 @@ from lorakit import LoraConfig, add_lora, merge_and_unload, save_adapter
 from lorakit.errors import LorakitError
 from lorakit.lora.inject import lora_layers
 from lorakit.quant import NF4_BITS, dequantize, load_quantized
+from lorakit.quant import bnb as bnb_mod
 from lorakit.quant.bnb import empty_quantized_linear, set_quantized_weight, storage_bytes
 from tests.conftest import randomize_lora, rel_err, tiny_llama
 
@@ -57,7 +58,18 @@ def test_nf4_storage_is_4_127_bits_per_weight():
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_lora_over_quantized_linear_matches_the_dequantized_reference(quantization):
+def test_row_slabs_dequantize_exactly_the_rows_of_w(quantization, monkeypatch):
+    m = quantized_linear(torch.randn(100, 256).to(torch.bfloat16), quantization)
+    monkeypatch.setattr(bnb_mod, "SLAB_BYTES", 2 * 256 * 30)  # 30 rows a slab: 30, 30, 30, 10
+    slabs = bnb_mod.row_slabs(m)
+    assert [(s.start, s.stop) for s in slabs] == [(0, 30), (30, 60), (60, 90), (90, 100)]
+    whole = dequantize(m.weight, m, torch.bfloat16)
+    assert torch.equal(torch.cat([dequantize(m.weight, m, torch.bfloat16, s) for s in slabs]), whole)
+
+
+@pytest.mark.parametrize("quantization, slab_rows", [("nf4", 1000), ("nf4", 32), ("int8", 1000), ("int8", 32)])
+def test_lora_over_quantized_linear_matches_the_dequantized_reference(quantization, slab_rows, monkeypatch):
+    monkeypatch.setattr(bnb_mod, "SLAB_BYTES", 2 * 128 * slab_rows)  # 32: the matmuls run in 3 slabs
     torch.manual_seed(0)
     w, b = torch.randn(96, 128).to(torch.bfloat16), torch.randn(96).to(torch.bfloat16)
     model = nn.Sequential(quantized_linear(w, quantization, b))

@@ -6,15 +6,14 @@ in blocks of 256 (double quantization), so a weight costs 4 + 8/64 + 32/(64·256
 int8 (Dettmers et al. 2022): each output row is scaled by its absmax/127 and rounded to int8 (8 bits plus
 one fp32 scale per row).
 
-The LoRA layer computes through ``dequantize``: W is rebuilt in the compute dtype for one matmul and
-dropped again, so only the packed weights stay resident (``QuantizedLinearFunction`` dequantizes W a
-second time in backward instead of keeping it).
+The LoRA layer computes through ``QuantizedLinearFunction``: W is rebuilt in the compute dtype a slab of
+rows at a time for one matmul and dropped again, so only the packed weights stay resident (backward
+dequantizes W a second time instead of keeping it).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -37,6 +36,7 @@ bnbf = bnb.functional
 
 NF4_BLOCKSIZE = 64  # QLoRA §3; the nested absmax quantization uses bitsandbytes' blocks of 256
 NF4_BITS = 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * 256)  # 4.127 bits per weight
+SLAB_BYTES = 8 * 2**20  # the most of W one matmul holds dequantized at once
 
 
 def unquantizable(linear: nn.Linear, quantization: str) -> str | None:
@@ -76,18 +76,39 @@ def set_quantized_weight(module: nn.Linear, weight: Tensor) -> None:
         module.weight = bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
 
 
-def dequantize(weight: Tensor, module: nn.Module, dtype: torch.dtype) -> Tensor:
-    """W (out, in) in ``dtype``, rebuilt from ``module``'s packed ``weight``."""
+def dequantize(weight: Tensor, module: nn.Module, dtype: torch.dtype, rows: slice = slice(None)) -> Tensor:
+    """W[rows] (rows, in) in ``dtype``, rebuilt from ``module``'s packed ``weight``; all of W by default.
+    A row range of NF4 needs whole blocks per row (``row_slabs`` only splits such weights)."""
+    start, stop, _ = rows.indices(module.out_features)
+    whole = (start, stop) == (0, module.out_features)
     if weight.dtype == torch.int8:
         # Linear8bitLt's own forward moves the row scales from the weight to its matmul state
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-        return bnbf.int8_vectorwise_dequant(weight.data, scales).to(dtype)
+        return bnbf.int8_vectorwise_dequant(weight.data[start:stop], scales[start:stop]).to(dtype)
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         # Linear4bit's CPU inference path repacks the weight in place for its AVX512 kernel; undo it
         weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
         state = module.quant_state = weight.quant_state
-    return bnbf.dequantize_4bit(weight.data, state).to(dtype)
+    absmax = state.absmax
+    if state.nested:  # double quantization: the fp32 absmax are stored as 8-bit blocks of 256 + an offset
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    cols = module.in_features
+    packed = weight.data if whole else weight.data.view(-1)[start * cols // 2:stop * cols // 2]  # 2 per byte
+    if not whole:
+        absmax = absmax[start * cols // state.blocksize:stop * cols // state.blocksize]
+    return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax.float(), state.blocksize, state.quant_type,
+                                                         [stop - start, cols], dtype)
+
+
+def row_slabs(module: nn.Module) -> list[slice]:
+    """Row ranges of about ``SLAB_BYTES`` of 16-bit W each: what one matmul dequantizes at a time."""
+    cols = module.in_features
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and (cols % state.blocksize or cols % 2):
+        return [slice(None)]  # blocks straddle rows: only all of W dequantizes
+    step = max(1, SLAB_BYTES // (2 * cols))
+    return [slice(i, min(i + step, module.out_features)) for i in range(0, module.out_features, step)]
 
 
 def storage_bytes(weight: Tensor, module: nn.Module) -> int:
@@ -101,22 +122,36 @@ def storage_bytes(weight: Tensor, module: nn.Module) -> int:
 
 
 class QuantizedLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b for a frozen quantized W (out, in), W = ``layer.weight_as(dtype)``.
+    """y = x·Wᵀ + b for a frozen quantized W (out, in), dequantized in row slabs (``row_slabs``).
 
     Backward needs only dx = dy·W, and dequantizes W again for it: saving the dequantized W instead would
     keep a 16-bit copy of every layer alive from forward to backward, the memory QLoRA exists to save.
+    Slabs bound the 16-bit transient of one matmul to ``SLAB_BYTES``, whatever the layer's size.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, layer: nn.Module, dtype: torch.dtype) -> Tensor:
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
-        return F.linear(x.to(dtype), layer.weight_as(dtype), None if bias is None else bias.to(dtype))
+        base = layer.base_layer
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+        y = x2.new_empty(x2.shape[0], base.out_features)  # (N, out)
+        for rows in row_slabs(base):
+            y[:, rows] = x2 @ dequantize(layer.weight, base, dtype, rows).t()
+        if bias is not None:
+            y += bias.to(dtype)
+        return y.view(*x.shape[:-1], base.out_features)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         dx = dbias = None
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
         if ctx.needs_input_grad[0]:
-            dx = (dy.to(ctx.dtype) @ ctx.layer.weight_as(ctx.dtype)).to(ctx.x_dtype)  # (..., in)
+            base = ctx.layer.base_layer
+            dy16 = dy2.to(ctx.dtype)
+            dx = dy16.new_zeros(dy16.shape[0], base.in_features)  # (N, in)
+            for rows in row_slabs(base):
+                dx.addmm_(dy16[:, rows], dequantize(ctx.layer.weight, base, ctx.dtype, rows))
+            dx = dx.view(*dy.shape[:-1], base.in_features).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+            dbias = dy2.sum(0)
         return dx, dbias, None, None
