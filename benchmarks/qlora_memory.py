@@ -3,10 +3,9 @@
 A ~1B-parameter Llama (hidden 2048, 16 layers, SwiGLU 5504, vocab 32000; random init) is written as bf16
 safetensors shards one tensor at a time (building it never needs the model in memory), with a small
 byte-level BPE tokenizer. Then `lorakit train` runs a few steps (batch 1, short sequences, LoRA r=8 on all
-linears) twice, each in a fresh child process whose peak RSS the kernel reports (`os.wait4`):
-`--quantization nf4` and `--dtype bfloat16`. Prints both peaks, their ratio (QLoRA's promise: at most
-0.5), the frozen base's bytes per parameter (NF4 + double quantization: 4.127 bits = 0.516 B on the
-linears) and `lorakit params`' estimate next to each measurement.
+linears) twice, each a fresh child process reporting its own peak RSS (VmHWM): `--quantization nf4` and
+`--dtype bfloat16`. Prints both peaks, their ratio (QLoRA's promise: at most 0.5), the frozen base's bytes
+per parameter (NF4 + double quantization: 4.127 bits = 0.516 B on the linears) and `lorakit params`' estimate next to each measurement.
 
     python benchmarks/qlora_memory.py [--layers 16] [--hidden 2048] [--steps 2] [--keep DIR]
 """
@@ -76,16 +75,23 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def peak_rss(cmd: list[str], log: Path) -> tuple[int, float, str]:
-    """(peak RSS in bytes, seconds, stderr) of ``cmd`` run as a fresh child process."""
+    """(peak RSS in bytes, seconds, output) of ``cmd`` (a ``lorakit train``) run as a fresh child process.
+
+    The peak is the one the run prints (its own VmHWM), not ``os.wait4``'s ru_maxrss: Linux carries that
+    across exec from the parent, so a child of this script, which holds torch and once held a 500 MiB shard
+    while writing the model, would report at least this script's peak (seen: nf4 1.34 GiB by wait4 vs
+    1.02 GiB by VmHWM)."""
     with open(log, "w") as out:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         seconds = time.perf_counter() - t
     text = log.read_text()
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    return usage.ru_maxrss * 1024, seconds, text
+    peak = re.search(r"peak RSS ([\d.]+) MiB", text)
+    if peak is None:
+        sys.exit(f"{log}: no 'peak RSS' in the run's output")
+    return int(float(peak.group(1)) * 2**20), seconds, text
 
 
 def estimate(model: Path, seq_len: int, r: int) -> dict:

@@ -13,7 +13,7 @@ Each run is a fresh process (`python -m lorakit train` as a user types it; a pla
 TRL), run alternately (lorakit, trl, lorakit, trl, ...). Per run: process wall time (imports, loading,
 tokenization, training, saving: what the user waits for), training tokens/s (non-pad tokens the
 optimizer steps saw over the training loop's time, counted the same way for both: attention-mask sums),
-CPU seconds, peak RSS (os.wait4), and the mean loss of the last 10 steps. Medians over the repeats, with ratios.
+CPU seconds, peak RSS (of the process alone: lorakit.usage), and the mean loss of the last 10 steps. Medians over the repeats, with ratios.
 
     python benchmarks/train_vs_trl.py [--repeats 2] [--steps 100] [--batch-size 16] [--threads 2]
 """
@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lorakit.usage import measured_popen, read_usage
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "base-model"
@@ -114,18 +116,18 @@ def trl_child(a: argparse.Namespace, output: Path, result: Path) -> None:
 
 
 def run(argv: list[str]) -> tuple[float, float, float]:
-    """Run ``python ARGV`` to completion; (wall seconds, CPU seconds, peak RSS in MiB) of that process alone."""
+    """Run ``python ARGV`` to completion; (wall seconds, CPU seconds, peak RSS in MiB) of that process alone
+    (``lorakit.usage``: not inflated by this script's own peak)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: fair on a shared CPU
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = measured_popen([sys.executable, *argv], Path(tmp) / "usage.json", env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            sys.exit(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n{err[-3000:]}")
+        usage = read_usage(Path(tmp) / "usage.json")
+    return usage.wall_s, usage.cpu_s, usage.peak_rss_mb
 
 
 def main() -> None:

@@ -32,6 +32,30 @@ def use_bf16(precision: str, device: torch.device | str) -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_native(device))
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since it started (exec), or None where unknown.
+
+    Linux: ``VmHWM`` of /proc/self/status, which belongs to this process's own address space. Not
+    ``getrusage``'s ru_maxrss: the kernel carries that across exec from the parent, so a child started
+    by ``subprocess`` (vfork) reports at least its parent's peak (measured: 2 GiB for ``python -c pass``
+    spawned by a process that had once held 2 GiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+    except (ImportError, OSError):
+        return None  # Windows
+
+
 def data_cache_dir() -> Path:
     """Tokenized data, keyed by content hash: ``$LORAKIT_CACHE/data`` (default ``~/.cache/lorakit/data``)."""
     return Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "data"

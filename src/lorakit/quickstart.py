@@ -7,7 +7,7 @@ trainable parameters, peak memory, training speed and time. The table is printed
 ``OUTPUT/report.md`` and ``OUTPUT/report.json``.
 
 The two trainings run at the same time, each a fresh ``python -m lorakit train`` process on half the cores,
-so each one's peak RSS and CPU time are its own (``os.wait4``); the evaluation runs here once both have
+so each one's peak RSS and CPU time are its own (``lorakit.usage``); the evaluation runs here once both have
 finished.
 """
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from safetensors import safe_open
 from lorakit.config import load_config
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
+from lorakit.usage import ChildUsage, measured_popen, read_usage
 
 CONFIG = "examples/configs/quickstart.yaml"
 TEST = "examples/data/task_test.jsonl"
@@ -40,51 +42,41 @@ COLUMNS = {"exact_match": "exact match", "perplexity": "retain perplexity", "tra
            "train_cpu_s": "train CPU"}
 
 
-@dataclass
-class ChildUsage:
-    """What one child process cost: wall seconds, CPU seconds (user + system) and peak resident memory."""
-
-    wall_s: float
-    cpu_s: float
-    peak_rss_mb: float
-
-
 def run_children(commands: dict[str, list[str]]) -> dict[str, ChildUsage]:
     """Run ``python -m lorakit ARGS`` for every named command at once, each line of their output copied to
-    our stderr as ``[name] line`` (stdout is the table's); returns each one's own usage (``os.wait4``).
+    our stderr as ``[name] line`` (stdout is the table's); returns each one's own usage (``lorakit.usage``).
     When one fails the others are stopped and a LorakitError names it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # Idle OpenMP threads sleep instead of spinning: on a busy CPU spinning threads starve each other
     # (20x slower forward passes measured on a shared 2-core machine). Read once when torch loads.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    started, procs, copiers = time.perf_counter(), {}, []
+    scratch = Path(tempfile.mkdtemp(prefix="lorakit-usage-"))
+    procs, copiers = {}, []
     for name, args in commands.items():
-        proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        procs[proc.pid] = (name, proc)
-        copiers.append(threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{name}] "), daemon=True))
+        procs[name] = measured_popen([sys.executable, "-m", "lorakit", *args], scratch / f"{name}.usage.json",
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     bufsize=1)
+        copiers.append(threading.Thread(target=_copy_lines, args=(procs[name].stdout, f"[{name}] "), daemon=True))
         copiers[-1].start()
     usages: dict[str, ChildUsage] = {}
     try:
         while len(usages) < len(procs):
-            pid, status, usage = os.wait4(-1, 0)  # whichever ends first, with its own rusage
-            if pid not in procs:
-                continue
-            name, proc = procs[pid]
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            # ru_maxrss is in KiB on Linux
-            usages[name] = ChildUsage(time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
-                                      usage.ru_maxrss / 1024)
-            if proc.returncode != 0:
-                raise LorakitError(f"quickstart: `lorakit {' '.join(commands[name])}` failed (exit "
-                                   f"{proc.returncode}); its error is above, after [{name}]")
+            for name, proc in procs.items():
+                if name in usages or proc.poll() is None:
+                    continue
+                if proc.returncode != 0:
+                    raise LorakitError(f"quickstart: `lorakit {' '.join(commands[name])}` failed (exit "
+                                       f"{proc.returncode}); its error is above, after [{name}]")
+                usages[name] = read_usage(scratch / f"{name}.usage.json")
+            time.sleep(0.2)
     finally:
-        for _, proc in procs.values():
-            if proc.returncode is None:
+        for proc in procs.values():
+            if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
         for thread in copiers:
             thread.join()
+        shutil.rmtree(scratch, ignore_errors=True)
     return usages
 
 

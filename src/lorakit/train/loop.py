@@ -28,7 +28,7 @@ from torch import nn
 from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import pad_token_id
-from lorakit.device import cpu_threads, data_cache_dir, use_bf16
+from lorakit.device import cpu_threads, data_cache_dir, peak_rss_bytes, use_bf16
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
 from lorakit.lora import add_lora, save_adapter
@@ -54,6 +54,8 @@ class TrainResult:
     loss: float | None  # the last logged training loss
     eval_loss: float | None  # the last evaluation's loss (None without validation data)
     stopped: str  # "done" or "early_stopping"
+    peak_rss_bytes: int | None = None  # this process's peak resident memory (None where unknown)
+    peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation (None on CPU)
 
 
 class BatchStream:
@@ -236,9 +238,15 @@ def train(cfg: RunConfig) -> TrainResult:
     progress.close()
     publish_final()
     note = " (early stopping)" if stopped != "done" else ""
+    peak = peak_rss_bytes()
+    device = next(model.parameters()).device
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     print(f"trained {step} steps{note}; " + (f"loss {loss:.4f}; " if loss is not None else "")
-          + (f"eval_loss {eval_loss:.4f}; " if eval_loss is not None else "") + f"saved to {output}")
-    return TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped)
+          + (f"eval_loss {eval_loss:.4f}; " if eval_loss is not None else "")
+          + (f"peak RSS {peak / 2**20:.1f} MiB; " if peak is not None else "")
+          + (f"peak GPU memory {peak_gpu / 2**20:.1f} MiB; " if peak_gpu is not None else "") + f"saved to {output}")
+    return TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped,
+                       peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu)
 
 
 # --- helpers: the output folder, the final files, progress -------------------------------------------
