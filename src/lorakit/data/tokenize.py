@@ -309,12 +309,14 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None
 
 
 def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epoch: int,
-                           mega_batch_mult: int = 50) -> list[list[int]]:
+                           mega_batch_mult: int = 50, group_by_length: bool = True) -> list[list[int]]:
     """Example indices in batches of similar length, in a deterministic order per (seed, epoch).
 
     Shuffle, sort by length within mega-batches of ``mega_batch_mult * batch_size``, cut into
-    batches, shuffle the batch order: little padding, yet each epoch sees a fresh order. The batch
-    with the longest example goes first, so an out-of-memory error shows at step 1, not hours in.
+    batches, shuffle the batch order: little padding, yet each epoch sees a fresh order. With
+    ``group_by_length`` False the shuffled order is cut as it is (random batches, more padding), for
+    data where length predicts the answer. Either way the batch with the longest example goes first,
+    so an out-of-memory error shows at step 1, not hours in.
     """
     if batch_size < 1:
         raise LorakitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -322,12 +324,15 @@ def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epo
     order = list(range(len(examples)))
     rng.shuffle(order)
     lengths = [len(ex["input_ids"]) for ex in examples]
-    mega = mega_batch_mult * batch_size
-    batches = []
-    for i in range(0, len(order), mega):
-        chunk = sorted(order[i:i + mega], key=lambda j: -lengths[j])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
+    if group_by_length:
+        mega = mega_batch_mult * batch_size
+        batches = []
+        for i in range(0, len(order), mega):
+            chunk = sorted(order[i:i + mega], key=lambda j: -lengths[j])
+            batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+    else:
+        batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     if batches:
         longest = max(range(len(batches)), key=lambda b: max(lengths[j] for j in batches[b]))
         batches.insert(0, batches.pop(longest))

@@ -59,11 +59,12 @@ class TrainResult:
 
 
 class BatchStream:
-    """Micro-batches in ``length_grouped_batches`` order, epoch after epoch. ``(epoch, index)`` is the
-    position a checkpoint stores: the next micro-batch to read."""
+    """Micro-batches in ``length_grouped_batches`` order (length-grouped or random), epoch after epoch.
+    ``(epoch, index)`` is the position a checkpoint stores: the next micro-batch to read."""
 
-    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0):
-        self._order = lambda e: length_grouped_batches(examples, batch_size, seed, e)
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0,
+                 group_by_length: bool = True):
+        self._order = lambda e: length_grouped_batches(examples, batch_size, seed, e, group_by_length=group_by_length)
         self.examples, self.pad_id = examples, pad_id
         self.epoch, self.index, self.batches = epoch, index, self._order(epoch)
 
@@ -164,7 +165,8 @@ def train(cfg: RunConfig) -> TrainResult:
         print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
     else:
         write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
-    stream = BatchStream(train_set, t.batch_size, t.seed, pad_id, state["epoch"], state["batch_index"])
+    stream = BatchStream(train_set, t.batch_size, t.seed, pad_id, state["epoch"], state["batch_index"],
+                         group_by_length=cfg.data.group_by_length)
     metrics = open(output / "metrics.jsonl", "a")
     progress = _Progress(total_steps, state["step"])
 
