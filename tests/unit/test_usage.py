@@ -9,7 +9,7 @@ import sys
 import time
 
 from lorakit.device import peak_rss_bytes
-from lorakit.usage import LAUNCHER, run_measured
+from lorakit.usage import LAUNCHER
 
 # A parent that once held 512 MiB spawns two children: a bare one and one that holds 200 MiB.
 PARENT = """
