@@ -185,10 +185,13 @@ def test_pissa_needs_a_16_bit_base(saved_llama):
         add_lora(qm, LoraConfig(init="pissa"))
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
-def test_merge_onto_quantized_base_gives_a_plain_bf16_model(saved_llama, tmp_path, targets):
+@pytest.mark.parametrize("targets, dtype", [(["q_proj", "v_proj"], torch.bfloat16), ("all-linear", torch.bfloat16),
+                                           ("all-linear", torch.float32)])
+def test_merge_onto_quantized_base_gives_a_plain_model_in_its_dtype(saved_llama, tmp_path, targets, dtype):
+    """Linears come back in the dtype of the rest of the model: bf16 for QLoRA's usual base, fp32 where the
+    run kept the unquantized weights in fp32 (--dtype float32, e.g. a CPU without bf16 matmuls)."""
     folder, model = saved_llama
-    qm, _ = load_quantized(folder, "nf4")
+    qm, _ = load_quantized(folder, "nf4", dtype)
     add_lora(qm, LoraConfig(r=4, target_modules=targets))
     randomize_lora(qm, std=0.05)
     save_adapter(qm, tmp_path / "adapter")
@@ -199,6 +202,7 @@ def test_merge_onto_quantized_base_gives_a_plain_bf16_model(saved_llama, tmp_pat
         after = merged(ids).logits.float()
     assert not list(lora_layers(merged))
     linears = [m for m in merged.modules() if isinstance(m, nn.Linear)]
-    assert all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(type(m) is nn.Linear and m.weight.dtype == dtype for m in linears)
+    assert {p.dtype for p in merged.parameters()} == {dtype}
     assert set(merged.state_dict()) == set(model.state_dict())
     assert (after - before).abs().max().item() < 0.05 * before.abs().max().item()

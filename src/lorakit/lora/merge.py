@@ -20,8 +20,10 @@ def merge(model: nn.Module, safe: bool = True) -> None:
     computed aside and checked for non-finite values first, so a broken adapter leaves W untouched.
 
     A quantized (QLoRA) base is dequantized first, the adapter is added to exactly the weights it was
-    trained against, and the layer keeps the sum in bf16 as a plain ``nn.Linear``: quantizing it again
-    would add a second rounding error on top of the adapter."""
+    trained against, and the layer keeps the sum as a plain ``nn.Linear`` in the dtype of the model's
+    unquantized weights (``dense_dtype``: bf16 for QLoRA's usual base): quantizing it again would add a
+    second rounding error on top of the adapter."""
+    dense = dense_dtype(model)
     for path, layer in lora_layers(model):
         if layer.disabled:
             continue
@@ -36,10 +38,21 @@ def merge(model: nn.Module, safe: bool = True) -> None:
                 raise LorakitError(f"merging adapter {name!r} into {path} gives NaN/inf weights; "
                                    "the adapter is broken (check its training loss)")
             if quantized:
-                _replace_quantized_base(layer, merged.to(torch.bfloat16))
+                _replace_quantized_base(layer, merged.to(dense))
             else:
                 w.data.copy_(merged.to(w.dtype))
             layer.merged_adapters.append(name)
+
+
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's unquantized weights: its input embeddings', else its first frozen floating
+    weight's; bf16 when it has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get() if get else None, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
+                torch.bfloat16)
 
 
 def _replace_quantized_base(layer: LoraLayer, weight: Tensor) -> None:
@@ -72,8 +85,9 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     """Merge the active adapters and put the original modules back: the plain transformers model, whose
-    ``state_dict()`` keys equal the base's. On a quantized base every linear comes back as a bf16
-    ``nn.Linear`` (untargeted ones dequantized), so ``save_pretrained`` writes an ordinary checkpoint."""
+    ``state_dict()`` keys equal the base's. On a quantized base every linear comes back as an ``nn.Linear``
+    in ``dense_dtype`` (untargeted ones dequantized), so ``save_pretrained`` writes an ordinary checkpoint."""
+    dense = dense_dtype(model)
     merge(model, safe=safe)
     for path, layer in list(lora_layers(model)):
         base = layer.base_layer
@@ -86,7 +100,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
             from lorakit.quant.bnb import dequantize
 
             _set_submodule(model, path, _plain_linear(m.in_features, m.out_features,
-                                                      dequantize(m.weight, m, torch.bfloat16), m.bias))
+                                                      dequantize(m.weight, m, dense), m.bias))
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
@@ -112,7 +126,7 @@ def merge_to_folder(model: str | None, adapter: str, output: str, quantization: 
     Hugging Face folder, at ``output``. The base is ``model`` (else the adapter's own), loaded as the adapter
     was trained (its run's config.yaml: dtype, quantization); ``quantization`` merges onto another storage of
     it (``none``: the 16-bit weights, the usual PEFT route after QLoRA). A quantized base is dequantized and
-    merged in bf16.
+    merged in the dtype of its unquantized weights (bf16 unless the run chose ``--dtype``).
 
     Returns and prints the largest |logit| difference, on ``CHECK_PROMPTS``, between the adapter on the base
     it was trained on and the merged model, with a warning above ``warn_above``: an adapter trained on an
