@@ -132,14 +132,15 @@ def write_bf16_llama(folder: Path, cfg: LlamaConfig, shard_bytes: int = 32 * 2**
 
 
 MEASURE = """
-import json, resource, sys
+import json, sys
 import transformers.models.llama.modeling_llama  # imported before the baseline: code, not data
+from lorakit.device import peak_rss_bytes
 from lorakit.quant import load_quantized
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 before = rss()
 _, report = load_quantized(sys.argv[1], "nf4")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()  # this process's own (ru_maxrss would carry pytest's peak across exec)
 print(json.dumps({"growth": peak - before, "base": report.base_bytes, "checkpoint": report.checkpoint_bytes}))
 """
 
