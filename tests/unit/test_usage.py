@@ -30,7 +30,8 @@ print(json.dumps({"wait4_mb": ru.ru_maxrss / 1024, "small_mb": small.peak_rss_mb
 def test_children_report_their_own_peak_not_the_parents(tmp_path):
     r = json.loads(subprocess.run([sys.executable, "-c", PARENT, str(tmp_path)], capture_output=True, text=True,
                                   check=True).stdout)
-    assert r["wait4_mb"] >= 500  # the kernel's ru_maxrss of a plain subprocess: the parent's peak
+    # r["wait4_mb"], the kernel's ru_maxrss of a plain subprocess, is the parent's 512+ MiB on Linux with
+    # vfork; not asserted: it is the kernel's behaviour, which the launcher exists to avoid
     assert r["small_mb"] < 100
     assert 200 <= r["held_mb"] < 300
     assert r["code"] == 3 and r["cpu_s"] > 0
