@@ -15,7 +15,8 @@ def _params(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--r", help="LoRA rank")
     p.add_argument("--target", help="comma list of module names, a regex, or all-linear")
     p.add_argument("--exclude", help="comma list of module names to leave alone")
-    p.add_argument("--quantization", help="int8 or nf4 (none means nf4): the frozen base's storage for QLoRA")
+    p.add_argument("--quantization", help="the QLoRA row's frozen-base storage: nf4 (default; also for none) or "
+                   "int8; the table always shows full FT, LoRA and QLoRA")
     p.add_argument("--batch-size", dest="batch_size", default=None, help="batch size for the activation estimate")
     p.add_argument("--seq-len", dest="seq_len", default=None, help="sequence length for the activation estimate")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
