@@ -65,8 +65,9 @@ def main() -> None:
               f"{results[name]['tokens_per_s']:.0f} tokens/s")
     base, nf4 = results["lora"]["exact_match"], results["qlora-nf4"]["exact_match"]
     gap = (base - nf4) / base if base else 0.0
-    print(f"NF4 QLoRA vs {args.dtype} LoRA exact match: {nf4:.1%} vs {base:.1%} ({nf4 - base:+.1%} points, "
-          f"{gap:.1%} relative below; must be within 5%: {'ok' if gap <= 0.05 else 'FAILED'})")
+    where = f"{gap:.1%} below" if gap > 0 else f"{-gap:.1%} above"
+    print(f"NF4 QLoRA vs {args.dtype} LoRA exact match: {nf4:.1%} vs {base:.1%} ({100 * (nf4 - base):+.1f} points, "
+          f"{where} relative; must be within 5% below: {'ok' if gap <= 0.05 else 'FAILED'})")
     (out / "quality.json").write_text(json.dumps({"dtype": args.dtype, "limit": args.limit, **results}, indent=2))
     print(f"runs and quality.json in {out}", file=sys.stderr)
 
