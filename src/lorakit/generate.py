@@ -13,7 +13,7 @@ from transformers import TextStreamer
 
 from lorakit.config import ModelConfig, load_config
 from lorakit.data.formats import ALPACA_PROMPT_NO_INPUT, CHATML_TEMPLATE
-from lorakit.data.tokenize import _prefix_ids, pad_token_id
+from lorakit.data.tokenize import pad_token_id, prefix_ids
 from lorakit.errors import LorakitError
 from lorakit.lora import load_adapter, read_adapter, set_adapter_scale
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
@@ -93,7 +93,7 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids as training saw the start of an example: the tokenizer's prefix (bos, [CLS]) once, then
     the text; no suffix ([SEP], eos) that would end the sequence before the answer."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    prefix = _prefix_ids(tokenizer)
+    prefix = prefix_ids(tokenizer)
     return ids if prefix and ids[:len(prefix)] == prefix else prefix + ids
 
 

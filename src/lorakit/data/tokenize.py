@@ -64,7 +64,7 @@ def pad_token_id(tokenizer: Any) -> int:
 _prefix_cache: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
-def _prefix_ids(tokenizer: Any) -> list[int]:
+def prefix_ids(tokenizer: Any) -> list[int]:
     """The ids the tokenizer puts before any text by itself (bos, or BERT's [CLS]); often none.
 
     Remembered per tokenizer: probing costs two encodes, as much as a short record."""
@@ -120,7 +120,7 @@ def tokenize_records(records: list[dict], fmt: str, tokenizer: Any, seq_len: int
     Starts with bos when the tokenizer adds one (once, even if a chat template already wrote it);
     labels are the input id on response tokens and -100 on prompt tokens unless ``train_on_prompt``.
     """
-    prefix = _prefix_ids(tokenizer)
+    prefix = prefix_ids(tokenizer)
     out = []
     for i in range(0, len(records), chunk):
         rendered = [to_segments(r, fmt, tokenizer) for r in records[i:i + chunk]]
@@ -168,7 +168,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    extra = [tokenizer.chat_template, eos_text(tokenizer), _prefix_ids(tokenizer),
+    extra = [tokenizer.chat_template, eos_text(tokenizer), prefix_ids(tokenizer),
              sorted(str(t) for t in tokenizer.all_special_tokens)]
     h.update(json.dumps(extra, default=str).encode())
     return h.hexdigest()
