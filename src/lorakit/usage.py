@@ -34,7 +34,7 @@ for sig in (signal.SIGTERM, signal.SIGINT):
 _, status, ru = os.wait4(pid, 0)
 with open(report, "w") as f:
     json.dump({"wall_s": time.perf_counter() - start, "cpu_s": ru.ru_utime + ru.ru_stime,
-               "peak_rss_mb": ru.ru_maxrss / 1024}, f)
+               "peak_rss_mb": ru.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)}, f)  # B / KiB
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
