@@ -3,9 +3,10 @@
 A ~1B-parameter Llama (hidden 2048, 16 layers, SwiGLU 5504, vocab 32000; random init) is written as bf16
 safetensors shards one tensor at a time (building it never needs the model in memory), with a small
 byte-level BPE tokenizer. Then `lorakit train` runs a few steps (batch 1, short sequences, LoRA r=8 on all
-linears) twice, each a fresh child process reporting its own peak RSS (VmHWM): `--quantization nf4` and
-`--dtype bfloat16`. Prints both peaks, their ratio (QLoRA's promise: at most 0.5), the frozen base's bytes
-per parameter (NF4 + double quantization: 4.127 bits = 0.516 B on the linears) and `lorakit params`' estimate next to each measurement.
+linears) twice, each a fresh child process whose own peak RSS is measured (``lorakit.usage``):
+`--quantization nf4` and `--dtype bfloat16`. Prints both peaks, their ratio (QLoRA's promise: at most 0.5),
+the frozen base's bytes per parameter (NF4 + double quantization: 4.127 bits = 0.516 B on the linears) and
+`lorakit params`' estimate next to each measurement.
 
     python benchmarks/qlora_memory.py [--layers 16] [--hidden 2048] [--steps 2] [--keep DIR]
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorakit.usage import run_measured
 
 SHARD_BYTES = 500 * 2**20
 ANSWER = "The answer is forty two."
@@ -75,23 +78,17 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def peak_rss(cmd: list[str], log: Path) -> tuple[int, float, str]:
-    """(peak RSS in bytes, seconds, output) of ``cmd`` (a ``lorakit train``) run as a fresh child process.
-
-    The peak is the one the run prints (its own VmHWM), not ``os.wait4``'s ru_maxrss: Linux carries that
-    across exec from the parent, so a child of this script, which holds torch and once held a 500 MiB shard
-    while writing the model, would report at least this script's peak (seen: nf4 1.34 GiB by wait4 vs
-    1.02 GiB by VmHWM)."""
+    """(peak RSS in bytes, seconds, output) of ``cmd`` (a ``lorakit train``) run as a fresh child process,
+    measured as every benchmark here measures a child (``lorakit.usage``): a plain ``os.wait4`` would
+    report at least this script's own peak, which once held a 500 MiB shard while writing the model
+    (seen: nf4 1.34 GiB that way vs 1.08 GiB)."""
     with open(log, "w") as out:
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        seconds = time.perf_counter() - t
+        code, usage = run_measured(cmd, log.with_suffix(".usage.json"), stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
     text = log.read_text()
-    if proc.returncode != 0:
+    if code != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    peak = re.search(r"peak RSS ([\d.]+) MiB", text)
-    if peak is None:
-        sys.exit(f"{log}: no 'peak RSS' in the run's output")
-    return int(float(peak.group(1)) * 2**20), seconds, text
+    return int(usage.peak_rss_mb * 2**20), usage.wall_s, text
 
 
 def estimate(model: Path, seq_len: int, r: int) -> dict:
