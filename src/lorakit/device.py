@@ -59,3 +59,28 @@ def peak_rss_bytes() -> int | None:
 def data_cache_dir() -> Path:
     """Tokenized data, keyed by content hash: ``$LORAKIT_CACHE/data`` (default ``~/.cache/lorakit/data``)."""
     return Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "data"
+
+
+def hardware_summary() -> str:
+    """One line naming the hardware a figure was measured on: CPU model, its matmul-relevant flags, the
+    threads torch uses, and the GPU where there is one. Every benchmark prints it, since figures differ by
+    hardware class (AVX2 only: bf16 emulated; AVX-512-BF16; AMX)."""
+    import platform
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8") if f in flags]
+    gpu = f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"CPU {model} [{' '.join(shown) or 'flags unknown'}]; bf16 native: {bf16_native('cpu')}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}")
