@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from lorakit.usage import measured_popen, read_usage
 
@@ -50,14 +51,18 @@ def lorakit_loop(a: argparse.Namespace, output: Path) -> tuple[int, float, list[
     metrics.jsonl gives each step's loss and tokens/s; the step's tokens come from replaying the run's
     deterministic batch order (same data, seed and batch size), so seconds = tokens / (tokens/s)."""
     from lorakit.config import load_config
-    from lorakit.data import load_datasets
+    from lorakit.data import collate, length_grouped_batches, load_datasets
     from lorakit.data.tokenize import load_tokenizer, pad_token_id
     from lorakit.train.loop import BatchStream
 
     cfg = load_config(output / "config.yaml")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     train, _ = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    stream = BatchStream(train, cfg.train.batch_size, cfg.train.seed, pad_token_id(tokenizer))
+    pad = pad_token_id(tokenizer)
+    # the text task's order and collate, without loading the model again
+    stream = BatchStream(SimpleNamespace(
+        batch_order=lambda e: length_grouped_batches(train, cfg.train.batch_size, cfg.train.seed, e),
+        collate=lambda ids: collate([train[i] for i in ids], pad)))
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r]
     tokens = [int(stream.next()["attention_mask"].sum()) for _ in steps]

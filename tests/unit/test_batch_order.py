@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
-from lorakit.data.tokenize import length_grouped_batches
+from lorakit.data.tokenize import collate, length_grouped_batches
 from lorakit.train.loop import BatchStream
 
 
@@ -43,16 +44,23 @@ def test_random_order_mixes_lengths_that_grouping_separates():
     assert 50 in {len(examples[i]["input_ids"]) for i in mixed[0]}  # the longest still goes first
 
 
+def stream_of(examples: list[dict], grouped: bool, epoch: int = 0, index: int = 0) -> BatchStream:
+    """The loop's stream over a task that is just these examples (the text task's order and collate)."""
+    task = SimpleNamespace(batch_order=lambda e: length_grouped_batches(examples, 8, 5, e, group_by_length=grouped),
+                           collate=lambda ids: collate([examples[i] for i in ids], 0))
+    return BatchStream(task, epoch, index)
+
+
 def test_a_stream_resumed_at_its_position_continues_the_same_random_order():
     examples = two_lengths(40)
-    stream = BatchStream(examples, 8, seed=5, pad_id=0, group_by_length=False)
+    stream = stream_of(examples, grouped=False)
     for _ in range(7):  # 5 batches per epoch: into the second epoch
         stream.next()
     assert (stream.epoch, stream.index) == (1, 2)
-    resumed = BatchStream(examples, 8, seed=5, pad_id=0, epoch=1, index=2, group_by_length=False)
+    resumed = stream_of(examples, grouped=False, epoch=1, index=2)
     for _ in range(6):
         a, b = stream.next(), resumed.next()
         assert all((a[k] == b[k]).all() for k in a)
-    grouped = BatchStream(examples, 8, seed=5, pad_id=0, epoch=resumed.epoch)
+    grouped = stream_of(examples, grouped=True, epoch=resumed.epoch)
     assert resumed.batches == length_grouped_batches(examples, 8, 5, resumed.epoch, group_by_length=False)
     assert resumed.batches != grouped.batches

@@ -2,8 +2,8 @@
 
 ``OUTPUT/checkpoints/step-N/`` holds everything the loop needs to continue bit-for-bit:
 
-- ``trainable.safetensors``: every trainable parameter by module path (what resume restores), and for
-  ``--method lora`` the same adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``)
+- ``trainable.safetensors``: every trainable parameter by module path (what resume restores), and the
+  task's result files (for LoRA the PEFT adapter, ``adapter_config.json`` + ``adapter_model.safetensors``)
   so any checkpoint can be served, merged or evaluated like a final adapter;
 - ``optimizer.safetensors`` (AdamW moments, key ``"<param index>.<name>"``) + ``optimizer.json``
   (param groups, non-tensor state);
@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora import save_adapter
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -153,10 +152,12 @@ def complete_checkpoints(output: Path) -> list[Path]:
 
 
 def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    method: str, base_model: str, keep_last: int) -> Path:
+                    save_result: Callable[[Path], None], keep_last: int) -> Path:
     """Write ``checkpoints/step-{state['step']}`` atomically and keep the newest ``keep_last`` of them.
     ``state`` is JSON-able (step, data position, counters); the RNG states are taken here, so call
-    this at a step boundary, after everything that draws random numbers for the step."""
+    this at a step boundary, after everything that draws random numbers for the step. ``save_result``
+    writes the task's published files (an adapter) too, so any checkpoint can be served, merged or
+    evaluated like the final result."""
     folder = output / CHECKPOINTS
     final = folder / f"step-{state['step']}"
     tmp = folder / f".tmp-step-{state['step']}"
@@ -164,8 +165,7 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
     tmp.mkdir(parents=True)
 
     save_trainable(model, tmp)
-    if method == "lora":  # also as a PEFT adapter, so any checkpoint can be served, merged or evaluated
-        save_adapter(model, tmp, base_model_name_or_path=base_model)
+    save_result(tmp)
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))

@@ -1,5 +1,9 @@
 """`lorakit train`: the one training loop, read top to bottom in ``train``.
 
+The loop is the same for every kind of model; what differs (the model, its data, its loss, what is
+published) is the run's ``Task`` (``train/task.py``: text in ``train/text.py``, text-to-image in
+``diffusion/``).
+
 Everything that can be wrong with the input (config, model, data, output folder) is checked before the
 first byte is written to the output folder. The loop is deterministic for a seed, and a run resumed from
 ``checkpoints/step-N`` computes the same weights as one that never stopped: the checkpoint holds the
@@ -10,30 +14,22 @@ function of the step.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lorakit.config import RunConfig, config_to_dict, load_config, save_config
-from lorakit.data import collate, length_grouped_batches, load_datasets
-from lorakit.data.tokenize import pad_token_id
-from lorakit.device import cpu_threads, data_cache_dir, peak_rss_bytes, use_bf16
+from lorakit.device import cpu_threads, peak_rss_bytes
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
-from lorakit.lora import add_lora, save_adapter
-from lorakit.model import load_model, load_tokenizer, resolve_model_path
 from lorakit.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
@@ -41,8 +37,8 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
 )
 from lorakit.train.optim import build_optimizer, lr_at
+from lorakit.train.task import Task, build_task
 
-IGNORE_INDEX = -100
 # Settings a resumed run may change: they do not alter the weights computed up to the checkpoint.
 RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "epochs", "save_every", "keep_last", "eval_every",
                      "patience", "log_every", "threads"}
@@ -60,69 +56,23 @@ class TrainResult:
 
 
 class BatchStream:
-    """Micro-batches in ``length_grouped_batches`` order (length-grouped or random), epoch after epoch.
+    """Micro-batches in the task's ``batch_order`` (length-grouped or random), epoch after epoch.
     ``(epoch, index)`` is the position a checkpoint stores: the next micro-batch to read."""
 
-    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0,
-                 group_by_length: bool = True):
-        self._order = lambda e: length_grouped_batches(examples, batch_size, seed, e, group_by_length=group_by_length)
-        self.examples, self.pad_id = examples, pad_id
-        self.epoch, self.index, self.batches = epoch, index, self._order(epoch)
+    def __init__(self, task: Task, epoch: int = 0, index: int = 0):
+        self.task = task
+        self.epoch, self.index, self.batches = epoch, index, task.batch_order(epoch)
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self) -> Any:
         if self.index == len(self.batches):
-            self.epoch, self.index, self.batches = self.epoch + 1, 0, self._order(self.epoch + 1)
+            self.epoch, self.index, self.batches = self.epoch + 1, 0, self.task.batch_order(self.epoch + 1)
         ids = self.batches[self.index]
         self.index += 1
-        return collate([self.examples[i] for i in ids], self.pad_id)
+        return self.task.collate(ids)
 
     @property
     def epoch_progress(self) -> float:
         return self.epoch + self.index / len(self.batches)
-
-
-def shifted_logits(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, V) in fp32, targets (N,)) at the N positions that carry a label: position t predicts
-    token t+1, so logits[:, :-1] meet labels[:, 1:]; prompt and padding (-100) are dropped here.
-
-    Only the positions some row of the batch has a label at go through the output head (transformers'
-    ``logits_to_keep`` as indices; models without it compute all): with the loss on responses only, most
-    positions are prompt, and the head (a V-wide GEMM, then an fp32 log-softmax) is a large part of the
-    step on small models (about a fifth of it on the quickstart's 4096-token vocabulary)."""
-    device = next(model.parameters()).device
-    targets = batch["labels"][:, 1:].to(device)  # (B, T-1)
-    keep = targets != IGNORE_INDEX
-    kwargs = {}
-    if _takes_logits_to_keep(model):
-        positions = keep.any(0).nonzero().squeeze(1)  # (P,) sequence positions whose logits are needed
-        kwargs["logits_to_keep"] = positions
-        targets, keep = targets[:, positions], keep[:, positions]  # (B, P)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       **kwargs).logits  # (B, P, V), or (B, T, V) without logits_to_keep
-    if not kwargs:
-        logits = logits[:, :-1]
-    return logits[keep].float(), targets[keep]
-
-
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, bf16: bool) -> dict[str, float]:
-    """Loss per label token over all of ``examples``, its perplexity, and next-token accuracy."""
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for i in range(0, len(examples), batch_size):
-        logits, targets = shifted_logits(model, collate(examples[i:i + batch_size], pad_id), bf16)
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += int((logits.argmax(-1) == targets).sum())
-        n += targets.numel()
-    model.train()
-    loss = loss_sum / max(n, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_accuracy": correct / max(n, 1)}
 
 
 def run_config(path: str | None, flags: dict[str, Any]) -> RunConfig:
@@ -145,28 +95,13 @@ def train(cfg: RunConfig) -> TrainResult:
     torch.set_num_threads(t.threads or cpu_threads())
     random.seed(t.seed)
     torch.manual_seed(t.seed)  # LoRA init and dropout draw from it; CUDA generators are seeded too
-    # an absolute model path, so config.yaml and adapter_config.json work from any directory
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path)))
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, data_cache_dir(), seed=t.seed)
+    task = build_task(cfg)  # the model (LoRA added), its data: text or text-to-image
+    cfg, model = task.cfg, task.model
     if checkpoint is not None:
         _check_same_run(output / "config.yaml", cfg)
-    model = load_model(cfg.model, full_training=t.method == "full")
-    bf16 = use_bf16(t.precision, next(model.parameters()).device)
-    pad_id = pad_token_id(tokenizer)
-    if t.method == "lora":
-        add_lora(model, cfg.lora)
-    model.config.use_cache = False  # the KV cache only helps generation
-    if cfg.model.gradient_checkpointing:
-        # recompute each block's activations in backward; non-reentrant so frozen inputs still get grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, t)
-    batches_per_epoch = math.ceil(len(train_set) / t.batch_size)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(task.batch_order(0)) / t.grad_accum))
 
     # --- the output folder: fresh, or restored to the newest checkpoint -----------------------------
     state = {"step": 0, "epoch": 0, "batch_index": 0, "best_eval_loss": None, "bad_evals": 0}
@@ -182,8 +117,7 @@ def train(cfg: RunConfig) -> TrainResult:
         print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
     else:
         write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
-    stream = BatchStream(train_set, t.batch_size, t.seed, pad_id, state["epoch"], state["batch_index"],
-                         group_by_length=cfg.data.group_by_length)
+    stream = BatchStream(task, state["epoch"], state["batch_index"])
     metrics = open(output / "metrics.jsonl", "a")
     progress = _Progress(total_steps, state["step"])
 
@@ -191,23 +125,19 @@ def train(cfg: RunConfig) -> TrainResult:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
-    def publish_final() -> None:
-        publish_files(lambda d: _save_final(model, tokenizer, d, t.method, cfg.model.name_or_path), output)
-
     # --- the loop: one optimizer step per iteration ----------------------------------------------------
     step, loss, eval_loss, stopped = state["step"], None, None, "done"
     tokens, last_log = 0, time.perf_counter()
     while step < total_steps:
         micro = [stream.next() for _ in range(t.grad_accum)]
-        # The step's loss is the mean over all its label tokens, not a mean of micro-batch means: each
-        # micro-batch's summed token loss is divided by the step's total count before backward.
-        n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro))
-        step_loss, n_tokens = 0.0, sum(int(b["attention_mask"].sum()) for b in micro)
+        # The step's loss is the mean over all its units (label tokens, images), not a mean of micro-batch
+        # means: each micro-batch's summed loss is divided by the step's total count before backward.
+        n_units = max(1, sum(task.count(b) for b in micro))
+        step_loss, n_tokens = 0.0, sum(task.tokens(b) for b in micro)
         for b in micro:
-            logits, targets = shifted_logits(model, b, bf16)
-            token_loss = F.cross_entropy(logits, targets, reduction="sum")
-            (token_loss / n_labels).backward()
-            step_loss += token_loss.item() / n_labels
+            batch_loss = task.loss_sum(b)
+            (batch_loss / n_units).backward()
+            step_loss += batch_loss.item() / n_units
         tokens += n_tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
 
@@ -216,7 +146,7 @@ def train(cfg: RunConfig) -> TrainResult:
             what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
             metrics.close()
             progress.close()
-            publish_final()
+            publish_files(task.save_result, output)
             raise LorakitError(f"step {step + 1}: {what} is not finite; training stopped and the last good "
                                f"weights (step {step}) are in {output}; lower --lr or check the data")
 
@@ -235,27 +165,28 @@ def train(cfg: RunConfig) -> TrainResult:
             tokens, last_log = 0, now
         progress.update(step, loss, lr, n_tokens)
 
-        if val_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-            result = evaluate(model, val_set, t.batch_size, pad_id, bf16)
-            eval_loss = result["eval_loss"]
-            log({"step": step, **result})
-            if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
-                state["best_eval_loss"], state["bad_evals"] = eval_loss, 0
-            else:
-                state["bad_evals"] += 1
-            if t.patience and state["bad_evals"] >= t.patience:
-                stopped = "early_stopping"
+        if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
+            result = task.evaluate()
+            if result is not None:
+                eval_loss = result["eval_loss"]
+                log({"step": step, **result})
+                if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
+                    state["best_eval_loss"], state["bad_evals"] = eval_loss, 0
+                else:
+                    state["bad_evals"] += 1
+                if t.patience and state["bad_evals"] >= t.patience:
+                    stopped = "early_stopping"
 
         state.update(step=step, epoch=stream.epoch, batch_index=stream.index)
         if t.save_every and step % t.save_every == 0:
             metrics.flush()
-            save_checkpoint(output, model, optimizer, state, t.method, cfg.model.name_or_path, t.keep_last)
+            save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last)
         if stopped != "done":
             break
 
     metrics.close()
     progress.close()
-    publish_final()
+    publish_files(task.save_result, output)
     note = " (early stopping)" if stopped != "done" else ""
     peak = peak_rss_bytes()
     device = next(model.parameters()).device
@@ -303,16 +234,6 @@ def _check_same_run(saved_path: Path, cfg: RunConfig) -> None:
             if before != value and not (section == "train" and name in RESUMABLE_CHANGES):
                 raise LorakitError(f"--resume: {section}.{name} is {value!r} but the run in {saved_path.parent} "
                                    f"used {before!r}; resume with the same settings or start with --overwrite")
-
-
-def _save_final(model: nn.Module, tokenizer: Any, folder: Path, method: str, base_model: str) -> None:
-    """The result: a PEFT adapter for lora; for full, a model folder any HF loader reads."""
-    if method == "lora":
-        save_adapter(model, folder, base_model_name_or_path=base_model)
-    else:
-        model.config.use_cache = True
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
 
 
 class _Progress:

@@ -1,0 +1,57 @@
+"""What the one training loop (``train/loop.py``) trains: a ``Task``.
+
+The loop owns everything that is the same for every kind of model — the output folder, optimizer, learning
+rate schedule, gradient accumulation, clipping, the NaN guard, evaluation cadence, checkpoints and exact
+resume, metrics. A task owns what differs: which model, which examples, how a micro-batch is made and
+what its loss is, what is evaluated and what files are published. Text (causal LM, ``train/text.py``) and
+text-to-image (``diffusion/``) are tasks; neither copies the loop.
+
+Exact resume needs one thing of a task: everything random it does (data order, noise, timesteps,
+dropout) comes from ``batch_order(epoch)`` (a pure function of the seed and epoch) or from torch's and
+Python's global generators, which checkpoints save and restore.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lorakit.config import RunConfig
+
+
+class Task(Protocol):
+    cfg: RunConfig  # resolved (e.g. the model path made absolute): what config.yaml records
+    model: nn.Module  # its ``requires_grad`` parameters are what the loop optimizes and checkpoints
+
+    def batch_order(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of ``epoch`` as lists of example indices; a pure function of (seed, epoch)."""
+
+    def collate(self, indices: list[int]) -> Any:
+        """One micro-batch from example indices (on CPU; the task moves it to the model's device)."""
+
+    def count(self, batch: Any) -> int:
+        """Units the loss is averaged over (label tokens; images). The step's loss is the mean over all
+        units of all its micro-batches, so the loop sums ``count`` before the first backward."""
+
+    def tokens(self, batch: Any) -> int:
+        """Throughput units of a batch, logged as tokens_per_s (input tokens; images)."""
+
+    def loss_sum(self, batch: Any) -> torch.Tensor:
+        """The batch's loss summed over its ``count`` units: a scalar the loop divides and backwards."""
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation metrics (``eval_loss`` at least), or None without validation data."""
+
+    def save_result(self, folder: Path) -> None:
+        """Write the published result into ``folder`` (an adapter, or a model for full fine-tuning); also
+        called for every checkpoint so any checkpoint can be used like the final result."""
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """Load and check everything the run needs (model, data) and return its task. Nothing is written."""
+    from lorakit.train.text import CausalLMTask
+
+    return CausalLMTask(cfg)
