@@ -1,4 +1,5 @@
-"""lorakit: the whole LoRA lifecycle — checked data, LoRA/QLoRA training, PEFT-format adapters, merge, serve."""
+"""lorakit: the whole LoRA lifecycle — checked data, LoRA/QLoRA training, PEFT-format adapters, evaluation,
+merge."""
 
 from lorakit.config import LoraConfig, RunConfig, load_config
 from lorakit.errors import LorakitError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from lorakit.errors import LorakitError
@@ -157,18 +158,29 @@ COMMANDS = [_params, _data, _train, _generate, _merge, _eval, _quickstart]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage dump), like every other lorakit error."""
+    """argparse, but a bad flag is one line (no usage dump), like every other lorakit error, and a negative
+    number in any notation (``--lr -1e-3``) is a value, not an unknown flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern knows -1 and -.5 only; no lorakit flag looks like a number
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
+# The lifecycle in order, as the tagline names it; only the stages registered as subcommands are named.
+LIFECYCLE = ("data", "train", "eval", "merge", "export", "serve")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lorakit", description="LoRA and QLoRA: data -> adapter -> merge -> serve")
+    parser = _Parser(prog="lorakit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    parser.description = "LoRA and QLoRA: " + " -> ".join(s for s in LIFECYCLE if s in sub.choices)
     return parser
 
 
@@ -180,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lorakit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # lorakit.errors.Interrupted says what was saved and carries its exit code
+        print(f"lorakit: {e}" if str(e) else "lorakit: interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 
 Each option is declared once, as a dataclass field. Its CLI flag is derived from the field name
 (``--batch-size`` for ``batch_size``) unless ``metadata["flag"]`` names another, and its help text is
-``metadata["help"]``. A YAML file uses the same tree (``lora: {r: 8}``) or, for convenience, the flat
-flag names at top level (``r: 8``, ``lr: 1e-4``).
+``metadata["help"]``; a numeric field's valid values are ``metadata["valid"]`` (a ``Range``), checked for
+YAML values, flags and direct construction alike. A YAML file uses the same tree (``lora: {r: 8}``) or, for
+convenience, the flat flag names at top level (``r: 8``, ``lr: 1e-4``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +24,39 @@ import yaml
 from lorakit.errors import LorakitError
 
 
-def _opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: ``low`` and/or ``high`` bounds, each inclusive unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.low is None or value > self.low or (value == self.low and not self.low_open))
+                and (self.high is None or value < self.high or (value == self.high and not self.high_open)))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+
+
+def _opt(default: Any, help: str, flag: str | None = None, valid: Range | None = None, **kw: Any) -> Any:
+    meta: dict[str, Any] = {"help": help}
     if flag:
         meta["flag"] = flag
+    if valid is not None:
+        meta["valid"] = valid
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -43,9 +75,9 @@ class LoraConfig:
     (full match on the module path, as PEFT), or ``"all-linear"`` (every linear layer but the output head).
     """
 
-    r: int = _opt(8, "LoRA rank r")
-    alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r")
-    dropout: float = _opt(0.0, "dropout on the LoRA path's input")
+    r: int = _opt(8, "LoRA rank r", valid=AT_LEAST_ONE)
+    alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r", valid=POSITIVE)
+    dropout: float = _opt(0.0, "dropout on the LoRA path's input", valid=FRACTION)
     target_modules: list[str] | str = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")
     exclude_modules: list[str] = _opt([], "comma list of module names to leave alone", flag="--exclude")
     rslora: bool = _opt(False, "scale by alpha/sqrt(r) (rsLoRA)")
@@ -56,12 +88,7 @@ class LoraConfig:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         if isinstance(self.exclude_modules, str):
             self.exclude_modules = [t.strip() for t in self.exclude_modules.split(",") if t.strip()]
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise LorakitError(f"lora.r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise LorakitError(f"lora.alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LorakitError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        check_ranges(self, "lora")
         if self.init not in INIT_METHODS:
             raise LorakitError(f"lora.init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
 
@@ -88,9 +115,10 @@ class ModelConfig:
 class DataConfig:
     train: str = _opt("", "training data: JSON array or JSONL", flag="--data")
     val: str = _opt("", "validation data (JSON/JSONL); else a fraction of --data", flag="--val-data")
-    val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation when --val-data is absent")
+    val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation when --val-data is absent",
+                               valid=FRACTION)
     format: str = _opt("auto", "auto, alpaca, chat, prompt_completion or text")
-    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)")
+    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)", valid=AT_LEAST_ONE)
     train_on_prompt: bool = _opt(False, "also compute the loss on prompt tokens")
     packing: bool = _opt(False, "pack several examples into each sequence")
     group_by_length: bool = _opt(True, "micro-batches of similar-length examples: less padding, faster. Turn off "
@@ -98,41 +126,44 @@ class DataConfig:
                                  "length-homogeneous micro-batches then push each step towards one answer "
                                  "(examples/configs/quickstart.yaml: 36% vs ~80% exact match)")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, "data")
+
 
 @dataclass
 class TrainConfig:
     output: str = _opt("runs/default", "output folder")
     method: str = _opt("lora", "lora, or full (train every weight: the baseline)")
-    max_steps: int = _opt(0, "optimizer steps (0: derive from --epochs)")
-    epochs: float = _opt(1.0, "passes over the training data when --max-steps is 0")
-    lr: float = _opt(2e-4, "peak learning rate")
+    max_steps: int = _opt(0, "optimizer steps (0: derive from --epochs)", valid=NON_NEGATIVE)
+    epochs: float = _opt(1.0, "passes over the training data when --max-steps is 0", valid=POSITIVE)
+    lr: float = _opt(2e-4, "peak learning rate", valid=POSITIVE)
     schedule: str = _opt("cosine", "cosine or linear decay after warmup")
-    warmup_steps: int = _opt(0, "linear warmup steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
-    batch_size: int = _opt(8, "examples per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    warmup_steps: int = _opt(0, "linear warmup steps", valid=NON_NEGATIVE)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", valid=NON_NEGATIVE)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", valid=NON_NEGATIVE)
+    batch_size: int = _opt(8, "examples per micro-batch", valid=AT_LEAST_ONE)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", valid=AT_LEAST_ONE)
     precision: str = _opt("auto", "auto (bf16 autocast where the hardware runs bf16 natively, else fp32), bf16 or fp32")
-    save_every: int = _opt(0, "write checkpoints/step-N every N steps (0: off)")
-    keep_last: int = _opt(2, "checkpoints to keep")
-    eval_every: int = _opt(0, "evaluate on validation data every N steps (0: at the end only)")
-    patience: int = _opt(0, "early stopping: evals without validation-loss improvement (0: off)")
-    log_every: int = _opt(1, "write a metrics.jsonl record every N steps")
-    seed: int = _opt(0, "random seed (data order, init, dropout)")
+    save_every: int = _opt(0, "write checkpoints/step-N every N steps (0: off)", valid=NON_NEGATIVE)
+    keep_last: int = _opt(2, "checkpoints to keep (0: all)", valid=NON_NEGATIVE)
+    eval_every: int = _opt(0, "evaluate on validation data every N steps (0: at the end only)",
+                             valid=NON_NEGATIVE)
+    patience: int = _opt(0, "early stopping: evals without validation-loss improvement (0: off)",
+                           valid=NON_NEGATIVE)
+    log_every: int = _opt(1, "write a metrics.jsonl record every N steps", valid=AT_LEAST_ONE)
+    seed: int = _opt(0, "random seed (data order, init, dropout)", valid=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")
     overwrite: bool = _opt(False, "replace a non-empty --output")
-    threads: int = _opt(0, "torch CPU threads (0: the cores this process may use)")
+    threads: int = _opt(0, "torch CPU threads (0: the cores this process may use)", valid=NON_NEGATIVE)
 
     def __post_init__(self) -> None:
+        check_ranges(self, "train")
         if self.method not in ("lora", "full"):
             raise LorakitError(f"--method must be lora or full, got {self.method!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise LorakitError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear"):
             raise LorakitError(f"--schedule must be cosine or linear, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -207,14 +238,49 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise LorakitError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise LorakitError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise LorakitError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise LorakitError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def range_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """``"-0.001: must be > 0"`` when ``value`` is outside the field's declared range, else None."""
+    valid = f.metadata.get("valid")
+    if valid is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r}: must be a finite number {valid}"
+    return None if value in valid else f"{value:g}: must be {valid}"
+
+
+def check_ranges(section: Any, name: str) -> None:
+    """Every numeric field of a section dataclass within its declared range (``_opt(valid=...)``)."""
+    for f in dataclasses.fields(section):
+        problem = range_problem(f, getattr(section, f.name))
+        if problem:
+            raise LorakitError(f"{_flag(f)} ({name}.{f.name}) {problem}")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: X)`` for the help text, from the dataclass default; empty where there is none to show."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default in ("", [], {}, None) or default is dataclasses.MISSING:
+        return ""
+    if isinstance(default, bool):
+        text = str(default).lower()
+    elif isinstance(default, float):
+        text = f"{default:g}"
+    else:
+        text = str(default)
+    return f" (default: {text})"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
@@ -224,7 +290,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
     for name, (section, f, tp) in _leaf_fields().items():
         if sections is not None and section not in sections:
             continue
-        help = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help text
+        help = (f.metadata.get("help", "") + _default_text(f)).replace("%", "%%")  # argparse %-formats help
         if tp is bool:
             parser.add_argument("--" + name, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help)
@@ -240,20 +306,70 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise LorakitError(f"{where}: {e}") from None
 
 
+# What transformers' TrainingArguments, PEFT's LoraConfig and TRL call some options: suggested, not accepted.
+ALIASES = {"learning_rate": "lr", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_r": "r", "rank": "r",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "num_train_epochs": "epochs", "max_seq_length": "seq_len", "max_length": "seq_len",
+           "model_name_or_path": "model", "output_dir": "output", "lr_scheduler_type": "schedule",
+           "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
+           "save_total_limit": "keep_last", "train_file": "data", "dataset": "data", "use_rslora": "rslora"}
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``known`` to ``key`` (or to a misspelt alias), else ``""``."""
+    aliases = {alias: name for alias, name in ALIASES.items() if name in known}
+    close = difflib.get_close_matches(key, known + list(aliases), n=1, cutoff=0.6)
+    return f" (did you mean {aliases.get(close[0], close[0])}?)" if close else ""
+
+
+def _did_you_mean_in(key: str, section: str, sections: dict[str, type]) -> str:
+    """The section where this exact name (or alias) lives, else a close match among ``section``'s fields."""
+    name = ALIASES.get(key, key)
+    owner = next((s for s, cls in sections.items() if name in {f.name for f in dataclasses.fields(cls)}), None)
+    if owner:
+        return f" (did you mean {owner}.{name}?)"
+    return _did_you_mean(key, [f.name for f in dataclasses.fields(sections[section])])
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of each top-level key and each key one level down: ``{("train", "lr"): 4}``."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines[(key.value,)] = key.start_mark.line + 1
+            if isinstance(value, yaml.MappingNode):
+                for sub, _ in value.value:
+                    lines[(key.value, sub.value)] = sub.start_mark.line + 1
+    return lines
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + flag overrides (``{"lr": "1e-4"}``, ``None`` = not given) -> RunConfig."""
+    """YAML file (optional) + flag overrides (``{"lr": "1e-4"}``, ``None`` = not given) -> RunConfig.
+    Every problem (unknown keys with their close matches, wrong types, values out of range) is reported
+    in one LorakitError, not only the first."""
     leaves = _leaf_fields()
     by_section: dict[str, dict[str, Any]] = {s: {} for s, _ in _sections(RunConfig)}
     sections = dict(_sections(RunConfig))
+    problems: list[str] = []
 
-    def put(key: str, value: Any, where: str) -> None:
-        section, f, tp = leaves[key]
-        by_section[section][f.name] = _coerce(value, tp, where)
+    def put(section: str, f: dataclasses.Field, tp: Any, value: Any, where: str) -> None:
+        try:
+            value = _coerce(value, tp, where)
+        except LorakitError as e:
+            problems.append(str(e))
+            return
+        problem = range_problem(f, value)
+        if problem:
+            problems.append(f"{where} {problem}")
+        else:
+            by_section[section][f.name] = value
 
     if path is not None:
         p = Path(path)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text()
+            raw = yaml.safe_load(text) or {}
         except FileNotFoundError:
             raise LorakitError(f"{p}: config file not found") from None
         except yaml.YAMLError as e:
@@ -261,26 +377,42 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise LorakitError(f"{p}:{(line or 0) + 1}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(raw, dict):
             raise LorakitError(f"{p}: expected a mapping of config keys at top level")
+        lines = _key_lines(text)
+        flat = [name.replace("-", "_") for name in leaves] + list(sections)
         for key, value in raw.items():
+            at = f"{p}:{lines.get((str(key),), 1)}"
             if key in sections and isinstance(value, dict):
                 names = {f.name: f for f in dataclasses.fields(sections[key])}
                 hints = typing.get_type_hints(sections[key])
                 for k, v in value.items():
+                    sub_at = f"{p}:{lines.get((str(key), str(k)), 1)}"
                     if k not in names:
-                        raise LorakitError(f"{p}: unknown key {key}.{k} (known: {', '.join(names)})")
-                    by_section[key][k] = _coerce(v, hints[k], f"{p}: {key}.{k}")
+                        problems.append(f"{sub_at}: unknown key {key}.{k}{_did_you_mean_in(str(k), key, sections)}")
+                        continue
+                    put(key, names[k], hints[k], v, f"{sub_at}: {key}.{k}")
             elif str(key).replace("_", "-") in leaves:
-                put(str(key).replace("_", "-"), value, f"{p}: {key}")
+                section, f, tp = leaves[str(key).replace("_", "-")]
+                put(section, f, tp, value, f"{at}: {key}")
             else:
-                raise LorakitError(f"{p}: unknown key {key!r}")
+                problems.append(f"{at}: unknown key {key!r}{_did_you_mean(str(key), flat)}")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         key = key.replace("_", "-")
         if key not in leaves:
-            raise LorakitError(f"unknown option --{key}")
-        put(key, value, f"--{key}")
-    built = {name: _build(cls, by_section[name], name) for name, cls in sections.items()}
+            problems.append(f"unknown option --{key}")
+            continue
+        section, f, tp = leaves[key]
+        put(section, f, tp, value, f"--{key}")
+    built = {}
+    if not problems:
+        for name, cls in sections.items():
+            try:
+                built[name] = _build(cls, by_section[name], name)
+            except LorakitError as e:
+                problems.append(str(e))
+    if problems:
+        raise LorakitError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
     return RunConfig(**built)
 
 

@@ -239,10 +239,11 @@ def test_full_method_saves_a_loadable_model(task, tmp_path, capsys):
 
 
 def test_early_stopping_on_a_flat_eval_loss(task, tmp_path, capsys):
-    # lr 0: the eval loss never improves after the first eval, so patience 2 stops at the third
+    # lr 1e-30 (0 is refused): B moves from 0 to ~1e-30, far below the rounding of any activation, so the eval
+    # loss never improves after the first eval and patience 2 stops at the third
     output = tmp_path / "out"
     code, err = in_process(capsys, "train", "--model", task["model"], "--data", task["train"], "--val-data",
-                           task["val"], "--output", output, "--max-steps", "10", "--lr", "0", "--eval-every", "1",
+                           task["val"], "--output", output, "--max-steps", "10", "--lr", "1e-30", "--eval-every", "1",
                            "--patience", "2", "--batch-size", "4", "--threads", "1")
     assert code == 0, err
     assert [r["step"] for r in records(output) if "eval_loss" in r] == [1, 2, 3]
@@ -266,14 +267,14 @@ def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path,
                     + "\n")
     output = tmp_path / "out"
     code, err = in_process(capsys, "train", "--model", task["model"], "--data", data, "--output", output,
-                           "--max-steps", "1", "--lr", "0", "--batch-size", "2", "--grad-accum", "2", "--threads", "1",
+                           "--max-steps", "1", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2", "--threads", "1",
                            "--precision", "bf16")
     assert code == 0, err
     logged = records(output)[0]["loss"]
 
     tok = load_tokenizer(str(task["model"]))
     examples, _ = load_datasets(DataConfig(train=str(data)), tok)
-    model = AutoModelForCausalLM.from_pretrained(task["model"]).eval()  # lr 0 and B = 0: the base's loss
+    model = AutoModelForCausalLM.from_pretrained(task["model"]).eval()  # B = 0 at step 1: the base's loss
     sums, counts = [], []
     for ids in length_grouped_batches(examples, 2, seed=0, epoch=0)[:2]:
         b = collate([examples[i] for i in ids], pad_id=0)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 
 from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.device import cpu_threads, peak_rss_bytes
-from lorakit.errors import LorakitError
+from lorakit.errors import Interrupted, LorakitError
 from lorakit.fileio import write_atomic
 from lorakit.train.checkpoint import (
     complete_checkpoints,
@@ -37,6 +38,7 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
 )
 from lorakit.train.optim import build_optimizer, lr_at
+from lorakit.train.stop import StopSignals
 from lorakit.train.task import Task, build_task
 
 # Settings a resumed run may change: they do not alter the weights computed up to the checkpoint.
@@ -86,7 +88,13 @@ def run_config(path: str | None, flags: dict[str, Any]) -> RunConfig:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Train ``cfg`` into ``cfg.train.output``; see the module docstring. Raises LorakitError on bad input
-    (nothing written) and on a non-finite loss (the last good weights written, then the error)."""
+    (nothing written) and on a non-finite loss (the last good weights written, then the error), and
+    ``Interrupted`` on SIGINT/SIGTERM once the current step is done and checkpointed (``train/stop.py``)."""
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: RunConfig, stop: StopSignals) -> TrainResult:
     t = cfg.train
     output = Path(t.output)
     checkpoint = _check_output(output, t.resume, t.overwrite)
@@ -128,6 +136,7 @@ def train(cfg: RunConfig) -> TrainResult:
     # --- the loop: one optimizer step per iteration ----------------------------------------------------
     step, loss, eval_loss, stopped = state["step"], None, None, "done"
     tokens, last_log = 0, time.perf_counter()
+    stop.armed = True
     while step < total_steps:
         micro = [stream.next() for _ in range(t.grad_accum)]
         # The step's loss is the mean over all its units (label tokens, images), not a mean of micro-batch
@@ -183,6 +192,15 @@ def train(cfg: RunConfig) -> TrainResult:
             save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last)
         if stopped != "done":
             break
+        if stop.received is not None and step < total_steps:
+            if not (t.save_every and step % t.save_every == 0):
+                metrics.flush()
+                save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last)
+            metrics.close()
+            progress.close()  # before the message: the progress line is not drawn again after it
+            raise Interrupted(f"interrupted ({stop.name}) at step {step} of {total_steps}: checkpoint written to "
+                              f"{output / 'checkpoints' / f'step-{step}'}; continue with: lorakit train --output "
+                              f"{shlex.quote(str(output))} --resume", 128 + stop.received)
 
     metrics.close()
     progress.close()
@@ -207,6 +225,8 @@ def _check_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
     if output.exists() and not output.is_dir():
         raise LorakitError(f"--output {output}: exists and is not a folder")
     if not output.exists() or not any(output.iterdir()):
+        if resume:
+            print(f"--resume: nothing to resume in {output}; starting a new run", file=sys.stderr)
         return None
     if resume:
         found = complete_checkpoints(output)
@@ -214,7 +234,9 @@ def _check_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
             return found[-1]
         if not (output / "config.yaml").is_file():
             raise LorakitError(f"--output {output}: not a lorakit run folder (no config.yaml); nothing to resume")
-        return None  # the run died before its first checkpoint: start it again
+        # the run stopped before its first checkpoint: start it again, and say so
+        print(f"--resume: no checkpoint in {output}; starting over from step 1", file=sys.stderr)
+        return None
     if overwrite:
         if not (output / "config.yaml").is_file():
             raise LorakitError(f"--output {output}: not a lorakit run folder (no config.yaml); --overwrite only "
@@ -244,10 +266,13 @@ class _Progress:
         self.tokens, self.started = 0, time.perf_counter()
         self.bar = None
         if sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+            # on stderr, the terminal checked above (rich's default is stdout, which may be a file)
             self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True,
+                                console=Console(stderr=True))
             self.bar.start()
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
