@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -c scripts/cpu-constraints.txt "torch==2.13.0"
+# llama.cpp (lorakit export's GGUF runtime) compiles at install time: ~6 min on 2 idle cores the first time,
+# then pip's wheel cache makes it instant. GGML_NATIVE=OFF builds for any x86-64 with AVX2 (no -march=native:
+# a cached wheel must not fault on another CPU; no AMX path, whose q8_0 kernels faulted in VMs).
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c scripts/cpu-constraints.txt \
+  "llama-cpp-python>=0.3.16,<0.4"
 python -m pip install -q -c scripts/cpu-constraints.txt -e ".[test]"

@@ -154,7 +154,34 @@ def _quickstart(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data, _train, _generate, _merge, _eval, _quickstart]
+def _export(sub: argparse._SubParsersAction) -> None:
+    from lorakit.export import FORMATS
+
+    p = sub.add_parser("export", help="adapters (and their base) for llama.cpp/Ollama (GGUF) or ONNX Runtime GenAI, "
+                       "parity-checked in that runtime")
+    p.add_argument("--adapter", action="append", required=True,
+                   help="adapter folder (a lorakit train output); repeat or comma-separate for several")
+    p.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS),
+                   help="; ".join(f"{k}: {f.help}" for k, f in FORMATS.items()))
+    p.add_argument("--output", required=True, help="new folder for the exported files")
+    p.add_argument("--dtype", help="weights: f32, f16 or bf16 (default: gguf f16, onnx and merged f32)")
+    p.add_argument("--quantize", help="gguf: q8_0 or q4_0; onnx: int4 or int8 (CPU, weights only)")
+    p.add_argument("--merge", action="store_true", help="bake the (one) adapter into the model instead")
+    p.add_argument("--prompts", help="parity prompts: JSON/JSONL records or one prompt per line "
+                   "(default: the run's validation data)")
+    p.add_argument("--strict", action="store_true", help="exit 1 unless the parity check ran and passed")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.export import export_command
+
+        return export_command(a.adapter, a.model, a.format, a.output, a.dtype, a.quantize, a.merge, a.prompts,
+                              a.strict)
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_params, _data, _train, _generate, _merge, _eval, _quickstart, _export]
 
 
 class _Parser(argparse.ArgumentParser):

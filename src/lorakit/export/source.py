@@ -1,0 +1,165 @@
+"""What every export format reads: the base model (fp32, in PyTorch) with each adapter loaded under its name,
+its tokenizer and config, and the adapters as (module, A, B, scaling) — the numbers a format writes.
+
+The adapters are loaded with ``lorakit.load_adapter``, so scaling already holds what PEFT's config says
+(alpha/r, rsLoRA's alpha/sqrt(r), ``alpha_pattern``) and shapes are checked against the base. The same
+model is the parity check's reference: PyTorch, fp32, the adapter on (or off, or at a scale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import LorakitError
+from lorakit.export import AdapterSource, ExportJob, recorded_base
+
+
+@dataclass
+class LoraWeight:
+    """One adapted module: ΔW = scaling · B·A with A (r, in), B (out, r); for an embedding PEFT's layout,
+    A (r, num_embeddings), B (dim, r), ΔE = scaling · (B·A)ᵀ."""
+
+    path: str          # the module's path in the HF model, e.g. model.layers.0.self_attn.q_proj
+    a: Tensor
+    b: Tensor
+    scaling: float
+    embedding: bool = False
+
+    @property
+    def r(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass
+class Source:
+    base: str                    # the base as the user knows it: a model folder, or a GGUF file
+    folder: str                  # a Hugging Face folder holding it (a GGUF base: lorakit's conversion of it)
+    gguf_file: Path | None       # the GGUF file the adapters were trained on, when they were
+    config: Any                  # transformers PretrainedConfig
+    tokenizer: Any
+    model: nn.Module             # fp32, eval, every adapter loaded under its AdapterSource.name, none active
+    adapters: list[AdapterSource]
+
+    def lora_weights(self, name: str) -> list[LoraWeight]:
+        from lorakit.lora import lora_layers
+        from lorakit.lora.layer import LoraEmbedding
+
+        out = []
+        for path, layer in lora_layers(self.model):
+            if name in layer.adapters:
+                ad = layer.adapters[name]
+                out.append(LoraWeight(path, ad.lora_A.detach().float(), ad.lora_B.detach().float(), float(ad.scaling),
+                                      isinstance(layer, LoraEmbedding)))
+        return out
+
+    def base_state_dict(self) -> dict[str, Tensor]:
+        """The base's own tensors (fp32) under their HF names; adapters left out."""
+        return {k: v.detach().float() for k, v in self.model.state_dict().items() if ".adapters." not in k}
+
+    def merged_state_dict(self, name: str) -> dict[str, Tensor]:
+        """The base's tensors with adapter ``name`` folded in, W + s·B·A, checked for NaN/inf as lorakit merge."""
+        from lorakit.lora import lora_layers
+
+        state = self.base_state_dict()
+        for path, layer in lora_layers(self.model):
+            if name in layer.adapters:
+                merged = state[f"{path}.weight"] + layer.delta_weight(name).float()
+                if not torch.isfinite(merged).all():
+                    raise LorakitError(f"merging adapter {name!r} into {path} gives NaN/inf weights; the adapter is "
+                                       "broken (check its training loss)")
+                state[f"{path}.weight"] = merged
+        return state
+
+    def use(self, name: str | None, scale: float = 1.0) -> nn.Module:
+        """The reference model with adapter ``name`` alone at ``scale`` (None: the base alone)."""
+        from lorakit.lora import set_adapter
+
+        set_adapter(self.model, [name] if name else [], None if name is None else [scale])
+        return self.model
+
+
+def base_name(job: ExportJob) -> str:
+    """``--model``, else the base every adapter was trained on (they must agree)."""
+    from lorakit.generate import model_config_for
+
+    if job.model:
+        return job.model
+    names = {a.name: model_config_for(None, str(a.path)).name_or_path for a in job.adapters}
+    if len(set(names.values())) > 1:
+        listed = "; ".join(f"{k}: {v}" for k, v in names.items())
+        raise LorakitError(f"the adapters were trained on different bases ({listed}); export them separately or "
+                           "pass --model")
+    return next(iter(names.values()))
+
+
+def checked_gguf_base(job: ExportJob) -> Path | None:
+    """The GGUF file the adapters were trained on (``lorakit_base.json``), checked to be the very file (size and
+    SHA-256) when --model does not name another base; None for a Hugging Face base."""
+    records = [recorded_base(a.path) for a in job.adapters]
+    found = [r for r in records if r and r.get("format") == "gguf"]
+    if not found or job.model:
+        return None
+    if len(found) != len(records) or len({r.get("sha256") for r in found}) > 1:
+        raise LorakitError("the adapters were trained on different bases; export them separately")
+    record = found[0]
+    path = Path(record["path"])
+    if not path.is_file():
+        raise LorakitError(f"{job.adapters[0].path}/lorakit_base.json: the base {path} is gone; pass --model with "
+                           f"the GGUF file {record.get('file_name')} (sha256 {str(record.get('sha256'))[:12]}...)")
+    if path.stat().st_size != record.get("size") or _sha256(path) != record.get("sha256"):
+        raise LorakitError(f"{path}: not the file the adapter was trained on (size or SHA-256 differ from "
+                           f"{job.adapters[0].path}/lorakit_base.json); restore that file or pass --model")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = None) -> Source:
+    """The base (fp32, on the CPU) with every adapter of ``job`` loaded and switched off, and its tokenizer.
+    ``check(config, base)`` sees a model folder's config.json first, to refuse an architecture in one line
+    before anything is loaded."""
+    from lorakit.config import ModelConfig
+    from lorakit.lora import load_adapter
+    from lorakit.model import load_model, load_tokenizer, resolve_model_path
+
+    gguf_file = checked_gguf_base(job)
+    name = str(gguf_file) if gguf_file else base_name(job)
+    if check is not None and Path(name, "config.json").is_file():
+        from transformers import AutoConfig
+
+        check(AutoConfig.from_pretrained(name), name)
+    cfg = ModelConfig(name_or_path=name, dtype="float32")
+    tokenizer = load_tokenizer(resolve_model_path(name))
+    model = load_model(cfg, device=torch.device("cpu"))
+    folder = _hf_folder(model, name)
+    for a in job.adapters:
+        load_adapter(model, a.path, a.name)
+    source = Source(base=name, folder=folder, gguf_file=gguf_file, config=model.config, tokenizer=tokenizer,
+                    model=model.eval(), adapters=job.adapters)
+    source.use(None)
+    return source
+
+
+def _hf_folder(model: nn.Module, name: str) -> str:
+    """A local Hugging Face folder for the base: the model folder itself, or (GGUF base) its conversion."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    try:
+        from lorakit.gguf import converted_folder  # type: ignore[import-not-found]
+
+        return str(converted_folder(Path(name)))
+    except ImportError:
+        raise LorakitError(f"--model {name}: export needs a local model folder") from None

@@ -1,0 +1,214 @@
+"""`lorakit export` end to end on the bundled base (examples/base-model) and a quickstart-style adapter, in the
+real runtimes: llama.cpp through llama-cpp-python, ONNX Runtime GenAI. Each exported model must give PyTorch's
+greedy tokens; the checks below call the runtimes directly, not lorakit's own parity code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BASE = Path(__file__).resolve().parents[2] / "examples" / "base-model"
+CONFIG = BASE.parents[1] / "examples" / "configs" / "quickstart.yaml"
+DATA = BASE.parents[1] / "examples" / "data"
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A quickstart run (examples/configs/quickstart.yaml) trained by `lorakit train` for 12 steps at lr 5e-3 on the
+    task's first 64 examples: enough for the adapter to change every greedy answer (and end it with eos)."""
+    from lorakit.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    for name, n in (("task_train.jsonl", 64), ("task_val.jsonl", 8)):
+        lines = (DATA / name).read_text().splitlines()[:n]
+        (root / name).write_text("\n".join(lines) + "\n")
+    out = root / "qs-lora"
+    assert main(["train", str(CONFIG), "--output", str(out), "--data", str(root / "task_train.jsonl"), "--val-data",
+                 str(root / "task_val.jsonl"), "--max-steps", "12", "--lr", "5e-3", "--warmup-steps", "0",
+                 "--threads", "1", "--log-every", "100"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(run) -> list[list[int]]:
+    """Token ids of four validation prompts, as training rendered them (bos + alpaca prompt)."""
+    from lorakit.data.tokenize import valid_records
+    from lorakit.evaluate import prompts_and_references
+    from lorakit.generate import encode_prompt
+    from lorakit.model import load_tokenizer
+
+    tok = load_tokenizer(str(BASE))
+    records, fmt = valid_records(DATA / "task_val.jsonl", "auto", 4)
+    return [encode_prompt(tok, p) for p, _ in prompts_and_references(records, fmt, tok)]
+
+
+@pytest.fixture(scope="module")
+def reference(run):
+    """PyTorch greedy continuations: fn(scale or None for the base alone, prompt ids) -> new token ids."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.lora import disable_adapters, load_adapter, set_adapter_scale
+
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32), run).eval()
+
+    @torch.no_grad()
+    def greedy(scale: float | None, ids: list[int]) -> list[int]:
+        x = torch.tensor([ids])
+        kw = dict(max_new_tokens=MAX_NEW, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=3)
+        if scale is None:
+            with disable_adapters(model):
+                return model.generate(x, **kw)[0, len(ids):].tolist()
+        set_adapter_scale(model, scale)
+        return model.generate(x, **kw)[0, len(ids):].tolist()
+
+    return greedy
+
+
+def export(capsys, *args) -> tuple[int, str, str]:
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    code = main(["export", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def llama_greedy(llm, ids: list[int]) -> list[int]:
+    """llama.cpp's own greedy decoding (top_k 1), stopped at eos (2) or <|im_end|> (5) as transformers stops."""
+    out = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        out.append(int(token))
+        if token in (2, 5) or len(out) == MAX_NEW:
+            break
+    return out
+
+
+def test_gguf_f32_base_adapter_and_scale_match_pytorch(run, prompts, reference, capsys, tmp_path):
+    from llama_cpp import Llama
+
+    out = tmp_path / "gguf"
+    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--dtype", "f32", "--output", out, "--strict")
+    assert code == 0, err
+    assert "-> OK" in text and "pre-tokenizer 'smollm' (checked:" in text, text
+    base, lora = out / "base-model.f32.gguf", out / "qs-lora.lora.gguf"
+    assert "of the base" in text and base.is_file() and lora.is_file()
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./base-model.f32.gguf\nADAPTER ./qs-lora.lora.gguf\n" in modelfile and "### Response:" in modelfile
+
+    plain = Llama(model_path=str(base), n_ctx=256, verbose=False)
+    with_lora = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, verbose=False)
+    half = Llama(model_path=str(base), lora_path=str(lora), lora_scale=0.5, n_ctx=256, verbose=False)  # --lora-scaled 0.5
+    changed = 0
+    for ids in prompts:
+        assert llama_greedy(plain, ids) == reference(None, ids)
+        assert llama_greedy(with_lora, ids) == reference(1.0, ids)
+        assert llama_greedy(half, ids) == reference(0.5, ids)
+        changed += reference(1.0, ids) != reference(None, ids)
+    assert changed > 0  # the adapter changes answers, so matching it means something
+
+    # transformers' own GGUF reader undoes llama.cpp's layout: it must give back the exact original weights
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=base.name, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+
+
+def test_gguf_f16_and_merged_match_pytorch(run, prompts, reference, capsys, tmp_path):
+    from llama_cpp import Llama
+
+    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--output", tmp_path / "f16", "--strict")
+    assert code == 0 and "-> OK" in text, err + text
+    base, lora = tmp_path / "f16" / "base-model.f16.gguf", tmp_path / "f16" / "qs-lora.lora.gguf"
+    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--merge", "--output", tmp_path / "m",
+                             "--strict")
+    assert code == 0 and "-> OK" in text, err + text
+    merged = tmp_path / "m" / "qs-lora.merged.f16.gguf"
+    assert [p.name for p in sorted((tmp_path / "m").iterdir())] == ["Modelfile", merged.name]
+
+    f16 = Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, verbose=False)
+    one = Llama(model_path=str(merged), n_ctx=256, verbose=False)
+    for ids in prompts:
+        assert llama_greedy(f16, ids) == reference(1.0, ids)
+        assert llama_greedy(one, ids) == reference(1.0, ids)
+
+
+def test_gguf_q8_0_keeps_unblockable_rows_16_bit(run, capsys, tmp_path):
+    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--quantize", "q8_0", "--output", tmp_path)
+    assert code == 0, err
+    # the bundled model's down_proj rows hold 688 values, not whole blocks of 32: they stay f16, and say so
+    assert "4 tensor(s) stayed f16 instead of q8_0" in text and "blk.0.ffn_down.weight" in text
+    assert "top-1 agreement" in text and "reported (quantized" in text
+
+
+def test_onnx_adapter_switches_on_and_off_in_one_process(run, prompts, reference, capsys, tmp_path):
+    import onnxruntime_genai as og
+
+    code, text, err = export(capsys, "--adapter", run, "--format", "onnx", "--output", tmp_path, "--strict")
+    assert code == 0 and "-> OK" in text, err + text
+    model = og.Model(str(tmp_path / "model"))
+    adapters = og.Adapters(model)
+    adapters.load(str(tmp_path / "qs-lora.onnx_adapter"), "qs")
+
+    def greedy(ids: list[int], adapter: str | None) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + MAX_NEW, do_sample=False)
+        gen = og.Generator(model, params)
+        if adapter:
+            gen.set_active_adapter(adapters, adapter)
+        gen.append_tokens(ids)  # og.Tokenizer adds no bos: the ids carry it
+        out = []
+        while not gen.is_done() and len(out) < MAX_NEW:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    for ids in prompts:  # on, off, on again: one loaded model
+        assert greedy(ids, "qs") == reference(1.0, ids)
+        assert greedy(ids, None) == reference(None, ids)
+        assert greedy(ids, "qs") == reference(1.0, ids)
+
+
+def test_unsupported_architecture_and_modules_to_save_get_one_line(run, tmp_path, capsys):
+    import shutil
+
+    from lorakit import LoraConfig, add_lora, save_adapter
+    from tests.conftest import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    add_lora(gpt2, LoraConfig(r=4, target_modules=["c_attn"]))
+    save_adapter(gpt2, tmp_path / "gpt2-lora", base_model_name_or_path=str(tmp_path / "gpt2"))
+    code, out, err = export(capsys, "--adapter", tmp_path / "gpt2-lora", "--format", "gguf", "--output", tmp_path / "x")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "architecture GPT2LMHeadModel is not supported" in err and "(supported: Llama, Mistral, Qwen2)" in err
+
+    saved = tmp_path / "saved"
+    shutil.copytree(run, saved)
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    for fmt in ("gguf", "onnx"):
+        code, out, err = export(capsys, "--adapter", saved, "--format", fmt, "--output", tmp_path / "y")
+        assert code == 2 and err.count("\n") == 1 and "modules_to_save ['lm_head']" in err, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_ollama_template_is_the_chat_template_in_go(tmp_path):
+    from lorakit.export.ollama import chat_pieces, modelfile
+    from lorakit.model import load_tokenizer
+
+    tok = load_tokenizer(str(BASE))  # ChatML
+    pieces = chat_pieces(tok)
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                    {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    assert pieces.render(conversation) == tok.apply_chat_template(conversation, tokenize=False,
+                                                                  add_generation_prompt=True)
+    text, note = modelfile("./b.gguf", "./a.gguf", tok, "chat")
+    assert note is None and 'PARAMETER stop "<|im_end|>"' in text
+    assert '{{ range .Messages }}{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in text
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"  # rewrites content
+    assert chat_pieces(tok) is None
