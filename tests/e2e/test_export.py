@@ -145,14 +145,30 @@ def test_gguf_q8_0_keeps_unblockable_rows_16_bit(run, capsys, tmp_path):
     assert "top-1 agreement" in text and "reported (quantized" in text
 
 
-def test_onnx_adapter_switches_on_and_off_in_one_process(run, prompts, reference, capsys, tmp_path):
+@pytest.fixture(scope="module")
+def half(run, tmp_path_factory) -> Path:
+    """A second adapter: the run's with lora_B halved, so PyTorch at scale 0.5 is its reference."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("half") / "half"
+    shutil.copytree(run, out)
+    weights = out / "adapter_model.safetensors"
+    save_file({k: v * 0.5 if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    return out
+
+
+def test_onnx_adapters_switch_on_and_off_in_one_process(run, half, prompts, reference, capsys, tmp_path):
     import onnxruntime_genai as og
 
-    code, text, err = export(capsys, "--adapter", run, "--format", "onnx", "--output", tmp_path, "--strict")
+    code, text, err = export(capsys, "--adapter", f"{run},{half}", "--format", "onnx", "--output", tmp_path, "--strict")
     assert code == 0 and "-> OK" in text, err + text
     model = og.Model(str(tmp_path / "model"))
     adapters = og.Adapters(model)
     adapters.load(str(tmp_path / "qs-lora.onnx_adapter"), "qs")
+    adapters.load(str(tmp_path / "half.onnx_adapter"), "half")
 
     def greedy(ids: list[int], adapter: str | None) -> list[int]:
         params = og.GeneratorParams(model)
@@ -167,9 +183,10 @@ def test_onnx_adapter_switches_on_and_off_in_one_process(run, prompts, reference
             out.append(int(gen.get_next_tokens()[0]))
         return out
 
-    for ids in prompts:  # on, off, on again: one loaded model
+    for ids in prompts:  # on, off, the other one, on again: one loaded model
         assert greedy(ids, "qs") == reference(1.0, ids)
         assert greedy(ids, None) == reference(None, ids)
+        assert greedy(ids, "half") == reference(0.5, ids)
         assert greedy(ids, "qs") == reference(1.0, ids)
 
 

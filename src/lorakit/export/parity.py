@@ -30,6 +30,10 @@ from lorakit.export import ExportJob
 
 MAX_PROMPTS = 8
 MAX_NEW_TOKENS = 24
+# Below this many parameters the check runs on one thread: a small model gains little from more, and on a
+# busy machine threads that spin-wait for each other are far slower (measured here under load ~10 on 2
+# cores, the bundled 4.2M model in llama.cpp: 1 thread 0.6 s, 2 threads 7.5-16.6 s for the same work).
+ONE_THREAD_BELOW = 300_000_000
 
 RUNTIMES = {  # name -> (import name, install command)
     "llama.cpp": ("llama_cpp", 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "llama-cpp-python>=0.3.16,<0.4" '
@@ -115,6 +119,11 @@ class Reference:
     logits: np.ndarray         # (len(tokens), V): the logits that chose each token
 
 
+def parity_threads(source: Any) -> int:
+    n = sum(p.numel() for p in source.model.parameters())
+    return 1 if n < ONE_THREAD_BELOW else cpu_threads()
+
+
 def eos_ids(source: Any) -> set[int]:
     ids = getattr(getattr(source.model, "generation_config", None), "eos_token_id", None)
     ids = {ids} if isinstance(ids, int) else set(ids or [])
@@ -130,22 +139,28 @@ def references(source: Any, prompts: list[str], adapter: str | None, scale: floa
     from lorakit.generate import encode_prompt
 
     model = source.use(adapter, scale)
-    eos = sorted(eos_ids(source))
+    eos, pad = sorted(eos_ids(source)), pad_token_id(source.tokenizer)
+    context = source.config.max_position_embeddings
+    threads = torch.get_num_threads()
+    torch.set_num_threads(parity_threads(source))
     out = []
-    for text in prompts:
-        ids = encode_prompt(source.tokenizer, text)
-        room = min(MAX_NEW_TOKENS, source.config.max_position_embeddings - len(ids) - 1)
-        if room < 1:
-            raise LorakitError(f"parity prompt of {len(ids)} tokens leaves no room in the model's context of "
-                               f"{source.config.max_position_embeddings}; pass shorter --prompts")
-        x = torch.tensor([ids])
-        gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=room, do_sample=False,
-                             eos_token_id=eos, pad_token_id=pad_token_id(source.tokenizer), output_logits=True,
-                             return_dict_in_generate=True)
-        tokens = gen.sequences[0, len(ids):].tolist()
-        logits = torch.cat([step.float() for step in gen.logits])[: len(tokens)].numpy()
-        out.append(Reference(ids, tokens, logits))
-    source.use(None)
+    try:
+        for text in prompts:
+            ids = encode_prompt(source.tokenizer, text)
+            room = min(MAX_NEW_TOKENS, context - len(ids) - 1)
+            if room < 1:
+                raise LorakitError(f"a parity prompt of {len(ids)} tokens leaves no room in the model's context of "
+                                   f"{context}; pass shorter --prompts")
+            x = torch.tensor([ids])
+            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=room,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=pad, output_logits=True,
+                                 return_dict_in_generate=True)
+            tokens = gen.sequences[0, len(ids):].tolist()
+            logits = torch.cat([step.float() for step in gen.logits])[: len(tokens)].numpy()  # (new, V)
+            out.append(Reference(ids, tokens, logits))
+    finally:
+        torch.set_num_threads(threads)
+        source.use(None)
     return out
 
 
@@ -367,7 +382,8 @@ def gguf_check(source: Any, targets: list[GgufTarget], prompts: list[str], exact
     try:
         for t in targets:
             loras = sorted({p for u in targets if u.base == t.base for p in u.loras})
-            runner = runners.get(t.base) or runners.setdefault(t.base, LlamaCpp(t.base, loras, _n_ctx(source, prompts)))
+            runner = runners.get(t.base) or runners.setdefault(
+                t.base, LlamaCpp(t.base, loras, _n_ctx(source, prompts), parity_threads(source)))
             runner.use(t.loras[0] if t.loras else None)
             refs = references(source, prompts, t.adapter)
             report.checks.append(compare(runner, refs, eos, t.label))
@@ -384,7 +400,8 @@ def onnx_check(source: Any, targets: list[OnnxTarget], prompts: list[str], exact
         report.skipped = missing
         return report
     eos = eos_ids(source)
-    runner = OrtGenai(targets[0].folder, {t.name: t.adapter for t in targets if t.adapter and t.name})
+    runner = OrtGenai(targets[0].folder, {t.name: t.adapter for t in targets if t.adapter and t.name},
+                      parity_threads(source))
     for t in targets:
         runner.use(t.name if t.adapter else None)
         refs = references(source, prompts, t.name)

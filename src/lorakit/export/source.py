@@ -44,17 +44,22 @@ class Source:
     gguf_file: Path | None       # the GGUF file the adapters were trained on, when they were
     config: Any                  # transformers PretrainedConfig
     tokenizer: Any
-    model: nn.Module             # fp32, eval, every adapter loaded under its AdapterSource.name, none active
+    model: nn.Module             # fp32, eval, every adapter loaded (under ``key(name)``), none active
     adapters: list[AdapterSource]
+
+    def key(self, name: str) -> str:
+        """The name adapter ``name`` is loaded under: its position, since a folder's name ("half", "float")
+        may clash with an nn.Module attribute."""
+        return f"adapter{[a.name for a in self.adapters].index(name)}"
 
     def lora_weights(self, name: str) -> list[LoraWeight]:
         from lorakit.lora import lora_layers
         from lorakit.lora.layer import LoraEmbedding
 
-        out = []
+        out, key = [], self.key(name)
         for path, layer in lora_layers(self.model):
-            if name in layer.adapters:
-                ad = layer.adapters[name]
+            if key in layer.adapters:
+                ad = layer.adapters[key]
                 out.append(LoraWeight(path, ad.lora_A.detach().float(), ad.lora_B.detach().float(), float(ad.scaling),
                                       isinstance(layer, LoraEmbedding)))
         return out
@@ -67,10 +72,10 @@ class Source:
         """The base's tensors with adapter ``name`` folded in, W + s·B·A, checked for NaN/inf as lorakit merge."""
         from lorakit.lora import lora_layers
 
-        state = self.base_state_dict()
+        state, key = self.base_state_dict(), self.key(name)
         for path, layer in lora_layers(self.model):
-            if name in layer.adapters:
-                merged = state[f"{path}.weight"] + layer.delta_weight(name).float()
+            if key in layer.adapters:
+                merged = state[f"{path}.weight"] + layer.delta_weight(key).float()
                 if not torch.isfinite(merged).all():
                     raise LorakitError(f"merging adapter {name!r} into {path} gives NaN/inf weights; the adapter is "
                                        "broken (check its training loss)")
@@ -81,7 +86,7 @@ class Source:
         """The reference model with adapter ``name`` alone at ``scale`` (None: the base alone)."""
         from lorakit.lora import set_adapter
 
-        set_adapter(self.model, [name] if name else [], None if name is None else [scale])
+        set_adapter(self.model, [self.key(name)] if name else [], None if name is None else [scale])
         return self.model
 
 
@@ -145,8 +150,8 @@ def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = Non
     tokenizer = load_tokenizer(resolve_model_path(name))
     model = load_model(cfg, device=torch.device("cpu"))
     folder = _hf_folder(model, name)
-    for a in job.adapters:
-        load_adapter(model, a.path, a.name)
+    for i, a in enumerate(job.adapters):
+        load_adapter(model, a.path, f"adapter{i}")
     source = Source(base=name, folder=folder, gguf_file=gguf_file, config=model.config, tokenizer=tokenizer,
                     model=model.eval(), adapters=job.adapters)
     source.use(None)
