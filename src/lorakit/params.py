@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LorakitError
+from lorakit.gguf import converted_folder, find_gguf
 from lorakit.lora.targets import is_linear, output_head_names, select_targets
 
 # Bytes per weight for each storage. nf4 is QLoRA's NormalFloat4 with double quantization
@@ -91,7 +92,11 @@ class ParamsReport:
 
 
 def load_model_config(name_or_path: str) -> PretrainedConfig:
-    """A model folder with config.json, a config.json path, or a hub id -> its transformers config."""
+    """A model folder with config.json, a config.json path, a GGUF file (its metadata), or a hub id -> its
+    transformers config."""
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        name_or_path = str(converted_folder(gguf, weights=False))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / "config.json"

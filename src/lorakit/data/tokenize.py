@@ -32,6 +32,7 @@ from lorakit.data.formats import (
     validate_record,
 )
 from lorakit.errors import LorakitError
+from lorakit.gguf import converted_folder, find_gguf
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "1"  # bump when tokenization changes, so old caches are not reused
@@ -40,9 +41,13 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(name_or_path: str, flag: str = "--model") -> Any:
-    """AutoTokenizer from a local folder or a hub id; only the tokenizer, never the weights."""
+    """AutoTokenizer from a local folder, a hub id, or a GGUF file (or a folder holding one: its tokenizer and
+    chat template, from the file's cached conversion); only the tokenizer, never the weights."""
     from transformers import AutoTokenizer
 
+    gguf = find_gguf(name_or_path, flag)
+    if gguf is not None:
+        name_or_path = str(converted_folder(gguf, weights=False, flag=flag))
     local = Path(name_or_path).expanduser()
     if not name_or_path or (not local.exists() and name_or_path.startswith((".", "/", "~"))):
         raise LorakitError(f"{flag} {name_or_path!r}: no such folder (give a model folder or a hub id)")

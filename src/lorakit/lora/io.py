@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
+from lorakit.gguf import BASE_RECORD, find_gguf, write_base_record
 from lorakit.lora.inject import inject, lora_layers
 from lorakit.lora.layer import LoraEmbedding, wrap
 from lorakit.lora.targets import base_modules, supported
@@ -104,7 +105,8 @@ def adapter_config(model: nn.Module, name: str, base_model_name_or_path: str | N
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
                  base_model_name_or_path: str | None = None) -> None:
     """Write adapter ``name`` as PEFT does, atomically (files appear complete or not at all).
-    A PiSSA adapter is converted so that it applies to the untouched original base."""
+    A PiSSA adapter is converted so that it applies to the untouched original base. A GGUF file as the
+    base is also recorded with its SHA-256 in ``lorakit_base.json`` (``lorakit.gguf.recorded_base``)."""
     cfg = getattr(model, "lora_configs", {}).get(name)
     state = _pissa_to_lora(model, name) if cfg is not None and cfg.init == "pissa" else lora_state_dict(model, name)
     state = {k: v.contiguous().cpu() for k, v in state.items()}
@@ -112,6 +114,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    base = config["base_model_name_or_path"]
+    if base and Path(base).is_file() and find_gguf(base):
+        write_base_record(out, base)
+    else:
+        (out / BASE_RECORD).unlink(missing_ok=True)  # a stale record of an earlier adapter in this folder
     write_atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
 
 
