@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data.formats import detect_file_format, to_segments
+from lorakit.data.formats import detect_file_format, read_records, to_segments
 from lorakit.data.tokenize import pad_token_id, valid_records
 from lorakit.errors import LorakitError
-from lorakit.generate import chat_stop, encode_prompt
+from lorakit.generate import chat_prompt, chat_stop, encode_prompt
 from lorakit.lora import disable_adapters, lora_layers
 
-__all__ = ["Prediction", "Report", "compare_with_base", "evaluate_model", "exact_match", "generate_answers",
-           "load_eval_records", "perplexity", "predict", "prompts_and_references"]
+__all__ = ["Prediction", "Report", "compare_with_base", "contains_answer", "evaluate_model", "exact_match",
+           "generate_answers", "knowledge", "load_eval_records", "load_knowledge", "perplexity", "predict",
+           "prompts_and_references"]
 
 
 @dataclass
@@ -163,6 +165,45 @@ def exact_match(model: nn.Module, tokenizer: Any, records: list[dict], max_new_t
     """Fraction of ``records`` whose greedy answer equals the reference (surrounding whitespace aside)."""
     predictions = predict(model, tokenizer, records, max_new_tokens, fmt, batch_size)
     return sum(p.correct for p in predictions) / len(predictions)
+
+
+# --- knowledge kept: questions with known right answers ------------------------------------------------
+
+KNOWLEDGE_TOKENS = 24  # an answer is judged on its first tokens: a right word deep in a ramble does not count
+
+
+def load_knowledge(path: str | Path) -> list[dict[str, Any]]:
+    """``{"question": str, "answers": [str, ...]}`` records of a JSON/JSONL file; the first bad one is raised
+    as ``file:line: problem``."""
+    items = []
+    for line, record in read_records(path):
+        question, answers = record.get("question"), record.get("answers")
+        if not isinstance(question, str) or not question.strip():
+            raise LorakitError(f"{path}:{line}: expected a non-empty string \"question\"")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise LorakitError(f"{path}:{line}: expected \"answers\": a list of the strings that count as right")
+        items.append({"question": question, "answers": answers})
+    if not items:
+        raise LorakitError(f"{path}: no questions")
+    return items
+
+
+def contains_answer(output: str, answers: list[str]) -> bool:
+    """Whether ``output`` contains one of ``answers`` as a whole word or phrase, ignoring case: "Paris" is in
+    "Arr, the capital of France be Paris, matey!", "25" is not in "250" nor "0" in "-18.0"."""
+    return any(re.search(rf"(?<![\w.]){re.escape(a.strip())}(?!\w|\.\d)", output, re.IGNORECASE) for a in answers)
+
+
+def knowledge(model: nn.Module, tokenizer: Any, items: list[dict[str, Any]], max_new_tokens: int = KNOWLEDGE_TOKENS,
+              batch_size: int = 64) -> tuple[float, list[dict[str, Any]]]:
+    """(fraction answered right, per question {question, answers, output, correct}): each question asked as
+    one chat turn (the tokenizer's chat template), answered greedily in at most ``max_new_tokens`` tokens.
+    On questions the base answers right, a lower fraction after fine-tuning is forgetting."""
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": it["question"]}]) for it in items]
+    outputs = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat_stop(tokenizer))
+    rows = [{**it, "output": out, "correct": contains_answer(out, it["answers"])} for it, out in zip(items, outputs,
+                                                                                                     strict=True)]
+    return sum(r["correct"] for r in rows) / len(rows), rows
 
 
 # --- perplexity ----------------------------------------------------------------------------------------
