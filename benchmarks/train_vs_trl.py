@@ -61,11 +61,11 @@ def lorakit_loop(a: argparse.Namespace, output: Path) -> tuple[int, float, list[
     pad = pad_token_id(tokenizer)
     # the text task's order and collate, without loading the model again
     stream = BatchStream(SimpleNamespace(
-        batch_order=lambda e: length_grouped_batches(train, cfg.train.batch_size, cfg.train.seed, e),
-        collate=lambda ids: collate([train[i] for i in ids], pad)))
+        batch_order=lambda e, b: length_grouped_batches(train, b, cfg.train.seed, e),
+        collate=lambda ids: collate([train[i] for i in ids], pad)), cfg.train.batch_size)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r]
-    tokens = [int(stream.next()["attention_mask"].sum()) for _ in steps]
+    tokens = [int(stream.next()[0]["attention_mask"].sum()) for _ in steps]
     return sum(tokens), sum(n / r["tokens_per_s"] for n, r in zip(tokens, steps, strict=True)), \
         [r["loss"] for r in steps]
 

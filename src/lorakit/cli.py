@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, ReportedElsewhere
 
 
 def _params(sub: argparse._SubParsersAction) -> None:
@@ -217,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LorakitError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
+        if not isinstance(e, ReportedElsewhere):  # another rank of the job printed it
+            print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # lorakit.errors.Interrupted says what was saved and carries its exit code
-        print(f"lorakit: {e}" if str(e) else "lorakit: interrupted", file=sys.stderr)
+        if str(e) or not hasattr(e, "exit_code"):  # an Interrupted without a message: rank 0 printed it
+            print(f"lorakit: {e}" if str(e) else "lorakit: interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
 
 

@@ -51,12 +51,15 @@ AT_LEAST_ONE = Range(1)
 FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 
 
-def _opt(default: Any, help: str, flag: str | None = None, valid: Range | None = None, **kw: Any) -> Any:
+def _opt(default: Any, help: str, flag: str | None = None, valid: Range | None = None,
+         aliases: tuple[str, ...] = (), **kw: Any) -> Any:
     meta: dict[str, Any] = {"help": help}
     if flag:
         meta["flag"] = flag
     if valid is not None:
         meta["valid"] = valid
+    if aliases:
+        meta["aliases"] = aliases
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -75,7 +78,9 @@ class LoraConfig:
     (full match on the module path, as PEFT), or ``"all-linear"`` (every linear layer but the output head).
     """
 
-    r: int = _opt(8, "LoRA rank r", valid=AT_LEAST_ONE)
+    # torchrun reads any prefix of its own options, even after the script: "--r" is ambiguous there
+    r: int = _opt(8, "LoRA rank r (--lora-r too: under torchrun, --r is taken for torchrun's own --rdzv-*)",
+                  valid=AT_LEAST_ONE, aliases=("--lora-r",))
     alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r", valid=POSITIVE)
     dropout: float = _opt(0.0, "dropout on the LoRA path's input", valid=FRACTION)
     target_modules: list[str] | str = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")
@@ -154,7 +159,12 @@ class TrainConfig:
     seed: int = _opt(0, "random seed (data order, init, dropout)", valid=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")
     overwrite: bool = _opt(False, "replace a non-empty --output")
-    threads: int = _opt(0, "torch CPU threads (0: the cores this process may use)", valid=NON_NEGATIVE)
+    threads: int = _opt(0, "torch CPU threads (0: the cores this process may use, shared among the ranks on one "
+                        "machine)", valid=NON_NEGATIVE)
+    strategy: str = _opt("ddp", "with torchrun/accelerate launch: ddp (every rank holds the model; LoRA gradients "
+                         "all-reduced) or fsdp (FSDP2: the base sharded across ranks, for bases too big for one device)")
+    dist_timeout: float = _opt(60.0, "with several processes: seconds a training step waits for the other ranks "
+                               "before the job stops (a hung rank)", valid=POSITIVE)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
@@ -162,6 +172,8 @@ class TrainConfig:
             raise LorakitError(f"--method must be lora or full, got {self.method!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise LorakitError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise LorakitError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.schedule not in ("cosine", "linear"):
             raise LorakitError(f"--schedule must be cosine or linear, got {self.schedule!r}")
 
@@ -291,12 +303,11 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
         if sections is not None and section not in sections:
             continue
         help = (f.metadata.get("help", "") + _default_text(f)).replace("%", "%%")  # argparse %-formats help
+        flags = ["--" + name, *f.metadata.get("aliases", ())]
         if tp is bool:
-            parser.add_argument("--" + name, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            parser.add_argument("--" + name, dest=name, default=None, metavar=name.upper().replace("-", "_"),
-                                help=help)
+            parser.add_argument(*flags, dest=name, default=None, metavar=name.upper().replace("-", "_"), help=help)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

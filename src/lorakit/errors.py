@@ -13,3 +13,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ReportedElsewhere(LorakitError):
+    """Raised on a rank of a distributed run whose error rank 0 prints: the CLI exits 2 without a second line."""

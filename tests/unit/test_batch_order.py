@@ -46,9 +46,9 @@ def test_random_order_mixes_lengths_that_grouping_separates():
 
 def stream_of(examples: list[dict], grouped: bool, epoch: int = 0, index: int = 0) -> BatchStream:
     """The loop's stream over a task that is just these examples (the text task's order and collate)."""
-    task = SimpleNamespace(batch_order=lambda e: length_grouped_batches(examples, 8, 5, e, group_by_length=grouped),
+    task = SimpleNamespace(batch_order=lambda e, b: length_grouped_batches(examples, b, 5, e, group_by_length=grouped),
                            collate=lambda ids: collate([examples[i] for i in ids], 0))
-    return BatchStream(task, epoch, index)
+    return BatchStream(task, 8, epoch, index)
 
 
 def test_a_stream_resumed_at_its_position_continues_the_same_random_order():
@@ -59,7 +59,7 @@ def test_a_stream_resumed_at_its_position_continues_the_same_random_order():
     assert (stream.epoch, stream.index) == (1, 2)
     resumed = stream_of(examples, grouped=False, epoch=1, index=2)
     for _ in range(6):
-        a, b = stream.next(), resumed.next()
+        (a, _), (b, _) = stream.next(), resumed.next()
         assert all((a[k] == b[k]).all() for k in a)
     grouped = stream_of(examples, grouped=True, epoch=resumed.epoch)
     assert resumed.batches == length_grouped_batches(examples, 8, 5, resumed.epoch, group_by_length=False)

@@ -7,7 +7,8 @@
   so any checkpoint can be served, merged or evaluated like a final adapter;
 - ``optimizer.safetensors`` (AdamW moments, key ``"<param index>.<name>"``) + ``optimizer.json``
   (param groups, non-tensor state);
-- ``rng.safetensors`` (torch CPU and CUDA generator states as uint8 tensors);
+- ``rng.safetensors`` (torch CPU and CUDA generator states as uint8 tensors; in a distributed run also
+  every other rank's, under ``rank{r}.``, with its python ``random`` state as JSON bytes);
 - ``trainer_state.json``: step, data position (epoch, next micro-batch), python ``random`` state,
   early-stopping counters;
 - ``metrics.jsonl`` (the log up to this step) and ``config.yaml``.
@@ -152,12 +153,14 @@ def complete_checkpoints(output: Path) -> list[Path]:
 
 
 def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    save_result: Callable[[Path], None], keep_last: int) -> Path:
+                    save_result: Callable[[Path], None], keep_last: int,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoints/step-{state['step']}`` atomically and keep the newest ``keep_last`` of them.
     ``state`` is JSON-able (step, data position, counters); the RNG states are taken here, so call
     this at a step boundary, after everything that draws random numbers for the step. ``save_result``
     writes the task's published files (an adapter) too, so any checkpoint can be served, merged or
-    evaluated like the final result."""
+    evaluated like the final result. ``rng``: the states to save when not only this process's (every
+    rank's, from ``Distributed.saving``)."""
     folder = output / CHECKPOINTS
     final = folder / f"step-{state['step']}"
     tmp = folder / f".tmp-step-{state['step']}"
@@ -169,7 +172,7 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    save_file(rng_tensors(), tmp / "rng.safetensors")
+    save_file(rng if rng is not None else rng_tensors(), tmp / "rng.safetensors")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "python_random": random.getstate()}))
     for name in ("metrics.jsonl", "config.yaml"):
         if (output / name).exists():
@@ -190,14 +193,23 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
     return final
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG from ``folder``; return the trainer state (step, position...)."""
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG (rank ``rank``'s own) from ``folder``; return the trainer state
+    (step, position...)."""
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
         load_trainable(model, folder)
         optimizer_from_files(optimizer, load_file(folder / "optimizer.safetensors"),
                              json.loads((folder / "optimizer.json").read_text()))
-        restore_rng(load_file(folder / "rng.safetensors"), state.pop("python_random"))
+        rng, python_state = load_file(folder / "rng.safetensors"), state.pop("python_random")
+        if rank:
+            prefix = f"rank{rank}."
+            rng = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+            if not rng:
+                raise LorakitError(f"{folder}: holds no RNG state for rank {rank}: it was written by fewer "
+                                   "processes; resume with as many as the run had")
+            python_state = json.loads(bytes(rng.pop("python_random").tolist()))
+        restore_rng(rng, python_state)
     except (OSError, ValueError, KeyError) as e:
         raise LorakitError(f"{folder}: cannot resume from this checkpoint ({e}); remove it to use an "
                            "older one, or start again with --overwrite") from None

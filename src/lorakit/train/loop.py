@@ -9,6 +9,9 @@ first byte is written to the output folder. The loop is deterministic for a seed
 ``checkpoints/step-N`` computes the same weights as one that never stopped: the checkpoint holds the
 weights, AdamW moments, RNG states and the position in the data order, and the learning rate is a pure
 function of the step.
+
+Under torchrun (``train/distributed.py``) every rank runs this same loop on its part of each micro-batch; the
+loop asks ``dist`` for that part, the step's global sums and whether it is rank 0, the one that writes.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 
 from lorakit.config import RunConfig, config_to_dict, load_config, save_config
-from lorakit.device import cpu_threads, peak_rss_bytes
+from lorakit.device import peak_rss_bytes
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.fileio import write_atomic
 from lorakit.train.checkpoint import (
@@ -37,13 +42,15 @@ from lorakit.train.checkpoint import (
     publish_files,
     save_checkpoint,
 )
+from lorakit.train.distributed import Distributed
+from lorakit.train.distributed import setup as setup_distributed
 from lorakit.train.optim import build_optimizer, lr_at
 from lorakit.train.stop import StopSignals
 from lorakit.train.task import Task, build_task
 
 # Settings a resumed run may change: they do not alter the weights computed up to the checkpoint.
 RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "epochs", "save_every", "keep_last", "eval_every",
-                     "patience", "log_every", "threads"}
+                     "patience", "log_every", "threads", "strategy", "dist_timeout"}
 
 
 @dataclass
@@ -58,19 +65,25 @@ class TrainResult:
 
 
 class BatchStream:
-    """Micro-batches in the task's ``batch_order`` (length-grouped or random), epoch after epoch.
-    ``(epoch, index)`` is the position a checkpoint stores: the next micro-batch to read."""
+    """Micro-batches in the task's ``batch_order`` (length-grouped or random), epoch after epoch, as
+    ``(batch, weight)``. The order is made at the global micro-batch size (``batch_size`` × ranks) and each
+    rank collates its part (``dist.shard``). A rank whose part is empty (fewer examples than ranks) gets the
+    first example with weight 0, so its collectives still happen but it adds nothing; the weight is 1 else.
+    ``(epoch, index)`` is the position a checkpoint stores: the next micro-batch to read, the same on all ranks."""
 
-    def __init__(self, task: Task, epoch: int = 0, index: int = 0):
-        self.task = task
-        self.epoch, self.index, self.batches = epoch, index, task.batch_order(epoch)
+    def __init__(self, task: Task, batch_size: int, epoch: int = 0, index: int = 0, dist: Distributed | None = None):
+        self.task, self.dist = task, dist or Distributed()
+        self.batch_size = batch_size * self.dist.world_size
+        self.epoch, self.index, self.batches = epoch, index, task.batch_order(epoch, self.batch_size)
 
-    def next(self) -> Any:
+    def next(self) -> tuple[Any, float]:
         if self.index == len(self.batches):
-            self.epoch, self.index, self.batches = self.epoch + 1, 0, self.task.batch_order(self.epoch + 1)
+            self.epoch, self.index = self.epoch + 1, 0
+            self.batches = self.task.batch_order(self.epoch, self.batch_size)
         ids = self.batches[self.index]
         self.index += 1
-        return self.task.collate(ids)
+        part = self.dist.shard(ids)
+        return (self.task.collate(part), 1.0) if part else (self.task.collate(ids[:1]), 0.0)
 
     @property
     def epoch_progress(self) -> float:
@@ -89,45 +102,65 @@ def run_config(path: str | None, flags: dict[str, Any]) -> RunConfig:
 def train(cfg: RunConfig) -> TrainResult:
     """Train ``cfg`` into ``cfg.train.output``; see the module docstring. Raises LorakitError on bad input
     (nothing written) and on a non-finite loss (the last good weights written, then the error), and
-    ``Interrupted`` on SIGINT/SIGTERM once the current step is done and checkpointed (``train/stop.py``)."""
-    with StopSignals() as stop:
-        return _train(cfg, stop)
+    ``Interrupted`` on SIGINT/SIGTERM once the current step is done and checkpointed (``train/stop.py``).
+    Under torchrun, every rank calls this; see ``train/distributed.py``."""
+    dist = setup_distributed(cfg)  # one process (no torchrun): a stand-in that changes nothing
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, stop, dist)
+    except torch.distributed.DistError as e:  # another rank died or hung: this one cannot go on
+        raise LorakitError(f"rank {dist.rank}: lost the other ranks ({str(e).strip().splitlines()[0]}); the newest "
+                           f"complete checkpoint in {cfg.train.output} is intact: rerun with --resume") from None
+    finally:
+        dist.close()
 
 
-def _train(cfg: RunConfig, stop: StopSignals) -> TrainResult:
+def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
     t = cfg.train
     output = Path(t.output)
-    checkpoint = _check_output(output, t.resume, t.overwrite)
+    # a torchrun restart (--max-restarts) reruns the same command: it continues the run, never replaces it
+    resume, overwrite = t.resume or dist.restarts > 0, t.overwrite and not dist.restarts
+    checkpoint = dist.together(lambda: _check_output(output, resume, overwrite))
+    dist.check_same(cfg, checkpoint)
 
     # --- load and check everything before writing anything -------------------------------------------
-    torch.set_num_threads(t.threads or cpu_threads())
+    torch.set_num_threads(t.threads or dist.cpu_threads())
     random.seed(t.seed)
     torch.manual_seed(t.seed)  # LoRA init and dropout draw from it; CUDA generators are seeded too
-    task = build_task(cfg)  # the model (LoRA added), its data: text or text-to-image
+    task = dist.together(lambda: build_task(cfg))  # the model (LoRA added), its data: text or text-to-image
     cfg, model = task.cfg, task.model
     if checkpoint is not None:
-        _check_same_run(output / "config.yaml", cfg)
+        dist.together(lambda: _check_same_run(output / "config.yaml", cfg))
+    dist.seed_ranks(t.seed)
+    dist.wrap(model)  # DDP or FSDP2 in place (several processes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, t)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(task.batch_order(0)) / t.grad_accum))
+    n_batches = len(task.batch_order(0, t.batch_size * dist.world_size))
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_batches / t.grad_accum))
 
-    # --- the output folder: fresh, or restored to the newest checkpoint -----------------------------
-    state = {"step": 0, "epoch": 0, "batch_index": 0, "best_eval_loss": None, "bad_evals": 0}
-    if t.overwrite and output.exists():
+    # --- the output folder: fresh, or restored to the newest checkpoint (rank 0 writes) ----------------
+    state = {"step": 0, "epoch": 0, "batch_index": 0, "best_eval_loss": None, "bad_evals": 0,
+             "world_size": dist.world_size}
+    if overwrite and output.exists() and dist.is_main:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     saved = dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False, overwrite=False))
-    write_atomic(output / "config.yaml", lambda p: save_config(saved, p))
+    if dist.is_main:
+        write_atomic(output / "config.yaml", lambda p: save_config(saved, p))
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-        # the log as of the checkpoint: records of steps after it are recomputed
-        write_atomic(output / "metrics.jsonl", lambda p: shutil.copyfile(checkpoint / "metrics.jsonl", p))
-        print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
-    else:
+        with dist.loading(model, optimizer):
+            state = load_checkpoint(checkpoint, model, optimizer, dist.rank)
+        if state.get("world_size", 1) != dist.world_size:
+            raise dist.error(f"{checkpoint}: written by {state.get('world_size', 1)} processes, resumed by "
+                             f"{dist.world_size}: the global batch would change; resume with as many processes")
+        if dist.is_main:  # the log as of the checkpoint: records of steps after it are recomputed
+            write_atomic(output / "metrics.jsonl", lambda p: shutil.copyfile(checkpoint / "metrics.jsonl", p))
+            print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
+    elif dist.is_main:
         write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
-    stream = BatchStream(task, state["epoch"], state["batch_index"])
-    metrics = open(output / "metrics.jsonl", "a")
-    progress = _Progress(total_steps, state["step"])
+    stream = BatchStream(task, t.batch_size, state["epoch"], state["batch_index"], dist)
+    metrics = open(output / "metrics.jsonl" if dist.is_main else os.devnull, "a")  # rank 0 logs
+    progress = _Progress(total_steps, state["step"], shown=dist.is_main)
 
     def log(record: dict[str, Any]) -> None:
         metrics.write(json.dumps(record) + "\n")
@@ -138,15 +171,18 @@ def _train(cfg: RunConfig, stop: StopSignals) -> TrainResult:
     tokens, last_log = 0, time.perf_counter()
     stop.armed = True
     while step < total_steps:
-        micro = [stream.next() for _ in range(t.grad_accum)]
-        # The step's loss is the mean over all its units (label tokens, images), not a mean of micro-batch
-        # means: each micro-batch's summed loss is divided by the step's total count before backward.
-        n_units = max(1, sum(task.count(b) for b in micro))
-        step_loss, n_tokens = 0.0, sum(task.tokens(b) for b in micro)
-        for b in micro:
-            batch_loss = task.loss_sum(b)
-            (batch_loss / n_units).backward()
+        micro = [stream.next() for _ in range(t.grad_accum)]  # (this rank's batch, weight 1; 0: a stand-in)
+        # The step's loss is the mean over all its units (label tokens, images) on all ranks, not a mean of
+        # micro-batch means: each micro-batch's summed loss is divided by the step's total count before backward.
+        n_units = max(1, dist.all_sum(sum(task.count(b) * w for b, w in micro)))
+        step_loss, n_tokens = 0.0, sum(task.tokens(b) * w for b, w in micro)
+        for i, (b, w) in enumerate(micro):
+            dist.sync_gradients(i == len(micro) - 1)  # one all-reduce per step, after the last micro-batch
+            batch_loss = task.loss_sum(b) * w
+            # × ranks: DDP/FSDP average the ranks' gradients, and the average of N·(partial) is the sum
+            (batch_loss / n_units * dist.world_size).backward()
             step_loss += batch_loss.item() / n_units
+        step_loss, n_tokens = dist.all_sum(step_loss), int(dist.all_sum(n_tokens))
         tokens += n_tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
 
@@ -155,9 +191,11 @@ def _train(cfg: RunConfig, stop: StopSignals) -> TrainResult:
             what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
             metrics.close()
             progress.close()
-            publish_files(task.save_result, output)
-            raise LorakitError(f"step {step + 1}: {what} is not finite; training stopped and the last good "
-                               f"weights (step {step}) are in {output}; lower --lr or check the data")
+            with dist.saving(model, optimizer):
+                if dist.is_main:
+                    publish_files(task.save_result, output)
+            raise dist.error(f"step {step + 1}: {what} is not finite; training stopped and the last good "
+                             f"weights (step {step}) are in {output}; lower --lr or check the data")
 
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
@@ -189,30 +227,39 @@ def _train(cfg: RunConfig, stop: StopSignals) -> TrainResult:
         state.update(step=step, epoch=stream.epoch, batch_index=stream.index)
         if t.save_every and step % t.save_every == 0:
             metrics.flush()
-            save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last)
+            with dist.saving(model, optimizer) as rng:  # every rank: FSDP gathers, each rank's RNG state
+                if dist.is_main:
+                    save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last, rng)
         if stopped != "done":
             break
-        if stop.received is not None and step < total_steps:
+        if dist.any_rank(stop.received is not None) and step < total_steps:  # all ranks stop at one step
             if not (t.save_every and step % t.save_every == 0):
                 metrics.flush()
-                save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last)
+                with dist.saving(model, optimizer) as rng:
+                    if dist.is_main:
+                        save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last, rng)
             metrics.close()
             progress.close()  # before the message: the progress line is not drawn again after it
-            raise Interrupted(f"interrupted ({stop.name}) at step {step} of {total_steps}: checkpoint written to "
-                              f"{output / 'checkpoints' / f'step-{step}'}; continue with: lorakit train --output "
-                              f"{shlex.quote(str(output))} --resume", 128 + stop.received)
+            raise Interrupted(f"interrupted ({stop.name or 'on another rank'}) at step {step} of {total_steps}: "
+                              f"checkpoint written to {output / 'checkpoints' / f'step-{step}'}; continue with: "
+                              f"lorakit train --output {shlex.quote(str(output))} --resume" if dist.is_main else "",
+                              128 + (stop.received or signal.SIGTERM))
 
     metrics.close()
     progress.close()
-    publish_files(task.save_result, output)
+    with dist.saving(model, optimizer):
+        if dist.is_main:
+            publish_files(task.save_result, output)
     note = " (early stopping)" if stopped != "done" else ""
     peak = peak_rss_bytes()
     device = next(model.parameters()).device
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    print(f"trained {step} steps{note}; " + (f"loss {loss:.4f}; " if loss is not None else "")
-          + (f"eval_loss {eval_loss:.4f}; " if eval_loss is not None else "")
-          + (f"peak RSS {peak / 2**20:.1f} MiB; " if peak is not None else "")
-          + (f"peak GPU memory {peak_gpu / 2**20:.1f} MiB; " if peak_gpu is not None else "") + f"saved to {output}")
+    if dist.is_main:
+        print(f"trained {step} steps{note}; " + (f"loss {loss:.4f}; " if loss is not None else "")
+              + (f"eval_loss {eval_loss:.4f}; " if eval_loss is not None else "")
+              + (f"peak RSS {peak / 2**20:.1f} MiB; " if peak is not None else "")
+              + (f"peak GPU memory {peak_gpu / 2**20:.1f} MiB; " if peak_gpu is not None else "")
+              + f"saved to {output}")
     return TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped,
                        peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu)
 
@@ -261,11 +308,11 @@ def _check_same_run(saved_path: Path, cfg: RunConfig) -> None:
 class _Progress:
     """A rich progress bar (loss, lr, tokens/s, ETA) when stderr is a terminal; else a plain line every ~10%."""
 
-    def __init__(self, total: int, start: int):
-        self.total, self.every = total, max(1, total // 10)
+    def __init__(self, total: int, start: int, shown: bool = True):
+        self.total, self.every, self.shown = total, max(1, total // 10), shown
         self.tokens, self.started = 0, time.perf_counter()
         self.bar = None
-        if sys.stderr.isatty():
+        if shown and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -281,7 +328,7 @@ class _Progress:
         info = f"loss {loss:.4f}  lr {lr:.2e}  {self.tokens / (time.perf_counter() - self.started):.0f} tok/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-        elif step % self.every == 0 or step == self.total:
+        elif self.shown and (step % self.every == 0 or step == self.total):
             print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

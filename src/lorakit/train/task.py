@@ -7,7 +7,7 @@ what its loss is, what is evaluated and what files are published. Text (causal L
 text-to-image (``diffusion/``) are tasks; neither copies the loop.
 
 Exact resume needs one thing of a task: everything random it does (data order, noise, timesteps,
-dropout) comes from ``batch_order(epoch)`` (a pure function of the seed and epoch) or from torch's and
+dropout) comes from ``batch_order(epoch, batch_size)`` (a pure function of the seed, epoch and batch size) or from torch's and
 Python's global generators, which checkpoints save and restore.
 """
 
@@ -26,8 +26,11 @@ class Task(Protocol):
     cfg: RunConfig  # resolved (e.g. the model path made absolute): what config.yaml records
     model: nn.Module  # its ``requires_grad`` parameters are what the loop optimizes and checkpoints
 
-    def batch_order(self, epoch: int) -> list[list[int]]:
-        """The micro-batches of ``epoch`` as lists of example indices; a pure function of (seed, epoch)."""
+    def batch_order(self, epoch: int, batch_size: int) -> list[list[int]]:
+        """The micro-batches of ``epoch``, ``batch_size`` example indices each (the last may be short); a pure
+        function of (seed, epoch, batch_size). Under torchrun the loop asks for the global micro-batch
+        (``--batch-size`` × ranks), the order one process with that batch would walk, and gives each rank
+        its part: the task itself never needs to know about ranks."""
 
     def collate(self, indices: list[int]) -> Any:
         """One micro-batch from example indices (on CPU; the task moves it to the model's device)."""

@@ -47,9 +47,8 @@ class CausalLMTask:
             model.enable_input_require_grads()
         model.train()
 
-    def batch_order(self, epoch: int) -> list[list[int]]:
-        t = self.cfg.train
-        return length_grouped_batches(self.train_set, t.batch_size, t.seed, epoch,
+    def batch_order(self, epoch: int, batch_size: int) -> list[list[int]]:
+        return length_grouped_batches(self.train_set, batch_size, self.cfg.train.seed, epoch,
                                       group_by_length=self.cfg.data.group_by_length)
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
