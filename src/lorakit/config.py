@@ -163,8 +163,10 @@ class TrainConfig:
                         "machine)", valid=NON_NEGATIVE)
     strategy: str = _opt("ddp", "with torchrun/accelerate launch: ddp (every rank holds the model; LoRA gradients "
                          "all-reduced) or fsdp (FSDP2: the base sharded across ranks, for bases too big for one device)")
-    dist_timeout: float = _opt(60.0, "with several processes: seconds a training step waits for the other ranks "
-                               "before the job stops (a hung rank)", valid=POSITIVE)
+    # 45 s: a hung rank stops the job within a minute, timeout plus tear-down
+    dist_timeout: float = _opt(45.0, "with several processes: seconds a training step waits for the other ranks "
+                               "before the job stops (a hung rank); raise it if ranks' steps can differ more",
+                               valid=POSITIVE)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -130,6 +131,19 @@ class Distributed:
         if self.rank:
             random.seed(seed + self.rank)
             torch.manual_seed(seed + self.rank)
+
+    def lost_peer(self, e: BaseException) -> bool:
+        """Whether ``e`` is a collective failing because another rank died or hung: NCCL and the store raise
+        DistError; gloo a RuntimeError from its transport ("Connection reset by peer", "Timed out")."""
+        import torch.distributed as dist
+
+        return self.world_size > 1 and (isinstance(e, dist.DistError) or "gloo" in str(e))
+
+    @staticmethod
+    def describe(e: BaseException) -> str:
+        """The first sentence of a collective's error, without gloo's source path."""
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
 
     def error(self, message: str) -> LorakitError:
         """An error every rank reaches together: rank 0 prints it, the others exit without a second line."""
@@ -358,10 +372,17 @@ def setup(cfg: RunConfig) -> Distributed:
             raise LorakitError(f"WORLD_SIZE is {world_size} but {name} is not set: start lorakit train with "
                                "torchrun or accelerate launch (they set both)")
     import torch.distributed as dist
+    from torch.distributed.rendezvous import rendezvous
 
-    rank, local_rank = int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
     local_world_size = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+    restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
     timeout = timedelta(seconds=t.dist_timeout)
+    # torchrun's store outlives a restart (--max-restarts): under one key prefix, the restarted ranks could read
+    # the dead attempt's gloo addresses before the live ones are written ("Connection refused"; seen in 4 of 5
+    # restarts here). Each attempt gets its own prefix in the store env:// would use.
+    store, rank, world_size = next(rendezvous("env://", timeout=SLOW_PHASE_TIMEOUT))
+    store = dist.PrefixStore(f"lorakit/attempt-{restarts}", store)
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise LorakitError(f"LOCAL_RANK {local_rank} but this machine shows {torch.cuda.device_count()} GPUs: "
@@ -369,13 +390,14 @@ def setup(cfg: RunConfig) -> Distributed:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         # NCCL for the gradients on the GPU; gloo for the few CPU scalars (unit counts, losses)
-        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     job = Distributed(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
-                      strategy=t.strategy, restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                      device=device, _slow_group=dist.new_group(backend="gloo", timeout=SLOW_PHASE_TIMEOUT))
+                      strategy=t.strategy, restarts=restarts, device=device,
+                      _slow_group=dist.new_group(backend="gloo", timeout=SLOW_PHASE_TIMEOUT))
     if job.is_main:
         print(job.summary(t.batch_size, t.grad_accum), file=sys.stderr, flush=True)
     return job
@@ -384,6 +406,6 @@ def setup(cfg: RunConfig) -> Distributed:
 def _file_sha256(path: Path) -> str:
     try:
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
     except OSError as e:
         return f"unreadable ({e.strerror})"

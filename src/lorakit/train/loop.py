@@ -108,9 +108,11 @@ def train(cfg: RunConfig) -> TrainResult:
     try:
         with StopSignals() as stop:
             return _train(cfg, stop, dist)
-    except torch.distributed.DistError as e:  # another rank died or hung: this one cannot go on
-        raise LorakitError(f"rank {dist.rank}: lost the other ranks ({str(e).strip().splitlines()[0]}); the newest "
-                           f"complete checkpoint in {cfg.train.output} is intact: rerun with --resume") from None
+    except RuntimeError as e:
+        if not dist.lost_peer(e):
+            raise
+        raise LorakitError(f"rank {dist.rank}: lost the other ranks ({dist.describe(e)}); the newest complete "
+                           f"checkpoint in {cfg.train.output} is intact: rerun with --resume") from None
     finally:
         dist.close()
 
