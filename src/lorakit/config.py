@@ -78,9 +78,9 @@ class LoraConfig:
     (full match on the module path, as PEFT), or ``"all-linear"`` (every linear layer but the output head).
     """
 
-    # torchrun reads any prefix of its own options, even after the script: "--r" is ambiguous there
-    r: int = _opt(8, "LoRA rank r (--lora-r too: under torchrun, --r is taken for torchrun's own --rdzv-*)",
-                  valid=AT_LEAST_ONE, aliases=("--lora-r",))
+    # --lora-r too: torchrun reads any prefix of its own options, even after the script, and takes "--r" for
+    # an ambiguous --rdzv-*/--role/--run-path/--redirects
+    r: int = _opt(8, "LoRA rank r", valid=AT_LEAST_ONE, aliases=("--lora-r",))
     alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r", valid=POSITIVE)
     dropout: float = _opt(0.0, "dropout on the LoRA path's input", valid=FRACTION)
     target_modules: list[str] | str = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")

@@ -40,12 +40,14 @@ def write_varied(path: Path, n: int = 25) -> Path:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist")
-    return {"model": build_tiny_model(root / "model"), "train": write_varied(root / "train.jsonl"), "root": root}
+    return {"model": build_tiny_model(root / "model"), "train": write_varied(root / "train.jsonl"),
+            "val": write_varied(root / "val.jsonl", 6), "root": root}
 
 
 def args(job: dict[str, Path], output: Path, *extra: str | Path, batch: int = 2) -> list[str]:
     # --lora-r, not --r: torchrun would take --r for an abbreviation of its own --rdzv-*/--role options
-    return [str(a) for a in ("train", "--model", job["model"], "--data", job["train"], "--output", output,
+    return [str(a) for a in ("train", "--model", job["model"], "--data", job["train"], "--val-data", job["val"],
+                             "--eval-every", 8, "--output", output,
                              "--max-steps", STEPS, "--lr", "1e-2", "--batch-size", batch, "--grad-accum", 2,
                              "--seq-len", 64, "--save-every", 2, "--threads", 1, "--precision", "fp32",
                              "--lora-r", 4, *extra)]
@@ -111,7 +113,11 @@ def test_two_ranks_end_where_one_process_with_twice_the_batch_ends(job, tmp_path
     # rank 0 alone wrote: the same files as one process, one record per step, one result line
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} == ADAPTER_FILES | {
         "config.yaml", "metrics.jsonl", "checkpoints"}
-    assert [r["step"] for r in records(two)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records(two) if "loss" in r] == list(range(1, STEPS + 1))
+    evals = [r for r in records(two) if "eval_loss" in r]  # every rank evaluates the whole validation set
+    assert [r["step"] for r in evals] == [8, 16]
+    assert [r["eval_loss"] for r in evals] == pytest.approx([r["eval_loss"] for r in records(one) if "eval_loss" in r],
+                                                            abs=1e-5)
     assert r.stdout.count("trained 16 steps") == 1
     state = json.loads((two / "checkpoints" / f"step-{STEPS}" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and (state["epoch"], state["batch_index"]) == (4, 4)  # 32 micro-batches of 7

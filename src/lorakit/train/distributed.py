@@ -181,7 +181,8 @@ class Distributed:
         for flag, path in (("--data", cfg.data.train), ("--val-data", cfg.data.val)):
             if path:
                 facts[f"{flag} {path} sha256"] = _file_sha256(Path(path))
-        facts["checkpoint to resume"] = checkpoint.name if checkpoint is not None else None
+        # every machine must see the output folder (shared storage) to resume from it
+        facts[f"the checkpoint to resume in {cfg.train.output}"] = checkpoint.name if checkpoint is not None else None
         blobs = self._all_gather_bytes(json.dumps(facts, sort_keys=True, default=str).encode())
         ours = json.loads(blobs[0])
         for r, blob in enumerate(blobs[1:], start=1):
