@@ -93,6 +93,45 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _numbers(kind: type, flag: str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    return parse
+
+
+def _generate_image(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate-image", help="text-to-image with LoRA adapters at a scale: one image or a grid")
+    p.add_argument("--model", help="diffusers pipeline folder (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder or .safetensors (diffusers, "
+                   "kohya or PEFT layout); repeat to combine adapters")
+    p.add_argument("--adapter-weights", dest="adapter_weights", type=_numbers(float, "--adapter-weights"),
+                   help="comma list, one weight per --adapter (default 1 each)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--scale", type=_numbers(float, "--scale"), dest="scales", help="adapter strength (default 1)")
+    scale.add_argument("--scales", type=_numbers(float, "--scales"), help="several strengths: a grid, e.g. 0,0.25,0.5,1")
+    seed = p.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=_numbers(int, "--seed"), dest="seeds", help="generator seed (default 0)")
+    seed.add_argument("--seeds", type=_numbers(int, "--seeds"), help="several seeds: one grid row each")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--out", default="image.png", help="PNG file to write (default image.png)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.diffusion.generate import generate_image_command
+
+        return generate_image_command(a.model, a.adapter, a.adapter_weights, a.prompt, a.scales, a.seeds or [0],
+                                      a.steps, a.guidance, a.height, a.width, a.negative_prompt, a.out)
+
+    p.set_defaults(func=run)
+
+
 def _merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold an adapter into its base and save a plain model folder (QLoRA: in bf16)")
     p.add_argument("--model", help="base model folder or hub id (default: the one the adapter was trained on)")
@@ -181,7 +220,7 @@ def _export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data, _train, _generate, _merge, _eval, _quickstart, _export]
+COMMANDS = [_params, _data, _train, _generate, _generate_image, _merge, _eval, _quickstart, _export]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -67,6 +67,7 @@ def _opt(default: Any, help: str, flag: str | None = None, valid: Range | None =
 
 INIT_METHODS = ("kaiming", "gaussian", "pissa")
 QUANTIZATIONS = ("none", "int8", "nf4")
+TASKS = ("auto", "text", "text-to-image")
 
 
 @dataclass
@@ -75,7 +76,9 @@ class LoraConfig:
 
     scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
     ``target_modules``: a list of module names (suffix match, as PEFT), a regex string
-    (full match on the module path, as PEFT), or ``"all-linear"`` (every linear layer but the output head).
+    (full match on the module path, as PEFT), ``"all-linear"`` (every linear layer but the output head),
+    or ``"auto"``: all-linear on a language model, the attention projections (to_q, to_k, to_v, to_out.0)
+    on a diffusion denoiser, as diffusers' and kohya's training scripts do.
     """
 
     # --lora-r too: torchrun reads any prefix of its own options, even after the script, and takes "--r" for
@@ -83,7 +86,8 @@ class LoraConfig:
     r: int = _opt(8, "LoRA rank r", valid=AT_LEAST_ONE, aliases=("--lora-r",))
     alpha: float = _opt(16.0, "LoRA alpha; scaling = alpha/r", valid=POSITIVE)
     dropout: float = _opt(0.0, "dropout on the LoRA path's input", valid=FRACTION)
-    target_modules: list[str] | str = _opt("all-linear", "comma list of module names, a regex, or all-linear", flag="--target")
+    target_modules: list[str] | str = _opt("auto", "comma list of module names, a regex, all-linear, or auto (all-linear; "
+                                           "to_q,to_k,to_v,to_out.0 on a diffusion denoiser)", flag="--target")
     exclude_modules: list[str] = _opt([], "comma list of module names to leave alone", flag="--exclude")
     rslora: bool = _opt(False, "scale by alpha/sqrt(r) (rsLoRA)")
     init: str = _opt("kaiming", "kaiming (B=0: a no-op), gaussian, or pissa")
@@ -108,8 +112,12 @@ class ModelConfig:
     dtype: str = _opt("auto", "weights dtype: auto (bf16 where supported), bfloat16, float16, float32")
     quantization: str = _opt("none", "frozen base: none, int8 or nf4 (QLoRA)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    task: str = _opt("auto", "text (a causal LM) or text-to-image (a diffusers pipeline folder); auto: text-to-image "
+                     "when --model holds model_index.json")
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise LorakitError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.quantization not in QUANTIZATIONS:
             raise LorakitError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -181,6 +189,32 @@ class TrainConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """Text-to-image training (``--task text-to-image``): the image data and the denoising objective."""
+
+    resolution: int = _opt(0, "training image size in pixels (0: the pipeline's native size)", valid=NON_NEGATIVE)
+    crop: str = _opt("center", "center or random: how an image resized to --resolution (short side) is cropped")
+    random_flip: bool = _opt(False, "flip half the images left-right (not for captions that say left/right)")
+    trigger_word: str = _opt("", "prepended to every caption (\"zwx\" -> \"zwx, a red circle\")")
+    train_text_encoder: bool = _opt(False, "also put LoRA on the text encoder(s) (q,k,v,out projections)")
+    prediction_type: str = _opt("auto", "auto (the scheduler's: epsilon or v_prediction; flow matching for SD3/Flux), "
+                                "epsilon or v_prediction")
+    snr_gamma: float = _opt(0.0, "min-SNR-γ loss weighting (Hang et al. 2023; 5 is typical; 0: off)",
+                            valid=NON_NEGATIVE)
+    noise_offset: float = _opt(0.0, "add this times per-channel noise (darker darks, brighter brights; 0.05-0.1)",
+                               valid=NON_NEGATIVE)
+    cache_latents: bool = _opt(True, "encode each image once with the frozen VAE (not with --crop random)")
+    kohya: bool = _opt(False, "also write the kohya/A1111 file (lora_kohya.safetensors) beside diffusers' file")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "diffusion")
+        if self.crop not in ("center", "random"):
+            raise LorakitError(f"--crop must be center or random, got {self.crop!r}")
+        if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
+            raise LorakitError(f"--prediction-type must be auto, epsilon or v_prediction, got {self.prediction_type!r}")
+
+
+@dataclass
 class RunConfig:
     """The whole tree; ``OUTPUT/config.yaml`` holds it resolved."""
 
@@ -188,6 +222,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
 # --- generic machinery: flags, YAML, validation -------------------------------------------------

@@ -70,11 +70,18 @@ def _pissa_to_lora(model: nn.Module, name: str) -> dict[str, Tensor]:
     return out
 
 
+def _leaf(path: str) -> str:
+    """A module's name as PEFT's target_modules matches it: the last component, with its parent when
+    it is an index (``to_out.0``: a bare ``0`` would match every first child)."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def _target_modules(model: nn.Module, paths: list[str], cfg: LoraConfig) -> list[str] | str:
     """PEFT's target_modules for exactly these paths: the leaf names when they select nothing more,
     else a regex over the full paths."""
-    leaves = sorted({p.split(".")[-1] for p in paths})
-    selected = [p for p, m in base_modules(model) if p and supported(m) and p.split(".")[-1] in leaves]
+    leaves = sorted({_leaf(p) for p in paths})
+    selected = [p for p, m in base_modules(model) if p and supported(m) and _leaf(p) in leaves]
     if selected == paths:
         return leaves
     return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
@@ -156,7 +163,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """Add the PEFT adapter at ``path`` to ``model`` as ``name`` (in place). Shapes are checked against the
     base: the first mismatching key is named with both shapes."""
     config, tensors = read_adapter(path)
-    weights_file = Path(path) / WEIGHTS_NAME
+    return apply_adapter(model, config, tensors, Path(path) / WEIGHTS_NAME, name, trainable)
+
+
+def apply_adapter(model: nn.Module, config: dict, tensors: dict[str, Tensor], weights_file: Path,
+                  name: str = "default", trainable: bool = False) -> nn.Module:
+    """Add an adapter given as PEFT's config dict and PEFT-keyed tensors (``load_adapter`` without the
+    files: converters of other layouts, such as diffusers' and kohya's, end here). ``weights_file``
+    names the source in errors."""
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' base weights too: the base has them

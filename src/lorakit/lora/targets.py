@@ -4,7 +4,9 @@
 - a single string: a regex that must match the whole module path (``re.fullmatch``), except that a bare
   name such as ``"q_proj"`` means that one name (PEFT would only match a top-level module);
 - ``"all-linear"``: every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, quantized linears)
-  except the output head (the module whose weight the model reports as its output embeddings).
+  except the output head (the module whose weight the model reports as its output embeddings);
+- ``"auto"`` (the default): ``"all-linear"``, except on a diffusers model (a UNet or a diffusion
+  transformer), where it is the attention projections ``DIFFUSION_TARGETS``, as diffusers' LoRA scripts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.errors import LorakitError
 
 ALL_LINEAR = "all-linear"
+AUTO = "auto"
+DIFFUSION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -76,6 +80,8 @@ def select_targets(
     """Module paths that get an adapter, in model order. Raises LorakitError when nothing matches,
     naming the close matches and the module names that exist."""
     exclude_modules = exclude_modules or []
+    if target_modules == AUTO:
+        target_modules = DIFFUSION_TARGETS if type(model).__module__.startswith("diffusers.") else ALL_LINEAR
     candidates = [(p, m) for p, m in base_modules(model) if p and supported(m)]
     if target_modules == ALL_LINEAR:
         heads = output_head_names(model)

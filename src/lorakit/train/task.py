@@ -55,6 +55,15 @@ class Task(Protocol):
 
 def build_task(cfg: RunConfig) -> Task:
     """Load and check everything the run needs (model, data) and return its task. Nothing is written."""
+    task = cfg.model.task
+    if task == "auto":
+        from lorakit.diffusion.pipeline import is_pipeline_folder
+
+        task = "text-to-image" if is_pipeline_folder(cfg.model.name_or_path) else "text"
+    if task == "text-to-image":
+        from lorakit.diffusion.task import TextToImageTask
+
+        return TextToImageTask(cfg)
     from lorakit.train.text import CausalLMTask
 
     return CausalLMTask(cfg)
