@@ -4,7 +4,7 @@ There is no tiny pretrained text-to-image model to install, so this script pretr
 procedurally drawn captioned images (``image_scenes.py``: "a large red circle on the left on a gray
 background"). The result is an ordinary diffusers ``StableDiffusionPipeline`` folder:
 
-  vae/            AutoencoderKL, 64×64 RGB <-> 8×8×4 latents (factor 8, as Stable Diffusion)
+  vae/            AutoencoderKL, 32×32 RGB <-> 8×8×4 latents (factor 4)
   text_encoder/   CLIPTextModel, 2 layers × 64 wide
   tokenizer/      CLIPTokenizer: CLIP's byte-level BPE layout, merges built from the caption words
   unet/           UNet2DConditionModel, 2 levels (64, 128 channels), cross-attention to the captions
@@ -22,7 +22,7 @@ rebuilds the same weights):
 Then it measures what the model learned (generated background/shape colour and position against the
 caption, on held-out scenes) and writes README.md's figures to build_info.json and a sample grid.
 
-    python examples/build_image_model.py                         # about 40 min on one CPU core
+    python examples/build_image_model.py                         # about 45 min on one idle CPU core
     python examples/build_image_model.py --vae-steps 20 --unet-steps 20 --scenes 256 --out /tmp/im
 """
 
@@ -129,8 +129,8 @@ def caption_words() -> list[str]:
 
 def make_vae() -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16)
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
 
 
 def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
@@ -143,7 +143,7 @@ def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 def make_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
@@ -175,27 +175,29 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def train_vae(steps: int, batch: int, log) -> tuple[AutoencoderKL, float]:
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED + 1)
+    held_rng = np.random.default_rng(SEED + 9)
+    held = to_tensor([render(sample_scene(held_rng)) for _ in range(64)])
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    loss = float("nan")
+    mse = float("nan")
     for step in range(steps):
-        # half uniform-RGB scenes (any colour decodes), half named-colour ones (the UNet's data)
-        x = to_tensor([render(sample_scene(rng, random_colours=i % 2 == 0)) for i in range(batch)])
+        # a quarter uniform-RGB scenes (any colour decodes, the quickstart's palette too), the rest named colours
+        x = to_tensor([render(sample_scene(rng, random_colours=i % 4 == 0)) for i in range(batch)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        rec = F.mse_loss(recon, x)
-        total = rec + 1e-6 * posterior.kl().mean()
+        total = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 1e-3, 50)
         total.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = rec.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step + 1}/{steps}: reconstruction MSE {loss:.5f}")
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            with torch.no_grad():
+                mse = F.mse_loss(vae.decode(vae.encode(held).latent_dist.mode()).sample, held).item()
+            log(f"vae step {step + 1}/{steps}: held-out reconstruction MSE {mse:.5f} (pixels in [-1, 1])")
     vae.eval().requires_grad_(False)
-    return vae, loss
+    return vae, mse
 
 
 # --- stage 2 + 3: cached latents, then text encoder + UNet -------------------------------------------------
@@ -203,7 +205,7 @@ def train_vae(steps: int, batch: int, log) -> tuple[AutoencoderKL, float]:
 
 @torch.no_grad()
 def encode_scenes(vae: AutoencoderKL, n: int, batch: int = 64) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Captions and the VAE posterior (mean, std), each (n, 4, 8, 8), of ``n`` named-colour scenes."""
+    """Captions and the VAE posterior (mean, std) of ``n`` named-colour scenes."""
     rng = np.random.default_rng(SEED + 2)
     scenes = [sample_scene(rng) for _ in range(n)]
     means, stds = [], []
@@ -211,7 +213,7 @@ def encode_scenes(vae: AutoencoderKL, n: int, batch: int = 64) -> tuple[list[str
         d = vae.encode(to_tensor([render(s) for s in scenes[i:i + batch]])).latent_dist
         means.append(d.mean)
         stds.append(d.std)
-    return [s.caption for s in scenes], torch.cat(means), torch.cat(stds)
+    return [s.caption for s in scenes], torch.cat(means), torch.cat(stds)  # latents (n, 4, 8, 8)
 
 
 def train_denoiser(vae, tokenizer, captions, means, stds, steps, batch, lr, log):
@@ -270,9 +272,9 @@ def nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> str:
 def judge(image: Image.Image, scene) -> dict[str, bool]:
     """Background colour (median of the border), shape colour (median of the pixels far from the
     background) and position (their centroid's nearest named position) against the caption."""
-    x = np.asarray(image, dtype=np.float32)  # (64, 64, 3)
-    border = np.concatenate([x[:3].reshape(-1, 3), x[-3:].reshape(-1, 3), x[:, :3].reshape(-1, 3),
-                             x[:, -3:].reshape(-1, 3)])
+    x = np.asarray(image, dtype=np.float32)  # (32, 32, 3)
+    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3),
+                             x[:, -2:].reshape(-1, 3)])
     bg = np.median(border, 0)
     far = np.linalg.norm(x - bg, axis=-1) > 60
     ok = {"background": nearest(bg, BACKGROUNDS) == scene.background, "colour": False, "position": False}
@@ -300,7 +302,7 @@ def evaluate(pipe: StableDiffusionPipeline, n: int) -> tuple[dict[str, float], l
     return acc, scenes, images
 
 
-def sample_grid(images, scenes, path: Path, cols: int = 4, zoom: int = 2) -> None:
+def sample_grid(images, scenes, path: Path, cols: int = 4, zoom: int = 4) -> None:
     cell = SIZE * zoom
     grid = Image.new("RGB", (cols * cell, math.ceil(len(images) / cols) * (cell + 24)), "white")
     draw = ImageDraw.Draw(grid)
@@ -316,7 +318,7 @@ def sample_grid(images, scenes, path: Path, cols: int = 4, zoom: int = 2) -> Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "image-model"))
-    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--scenes", type=int, default=8192, help="cached training scenes for the UNet")
     ap.add_argument("--unet-steps", type=int, default=2400)
@@ -359,8 +361,8 @@ def main() -> None:
         "python": platform.python_version(), "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__, "transformers": __import__("transformers").__version__,
         "params": {"unet": count(unet), "vae": count(vae), "text_encoder": count(text_encoder)},
-        "vocab_size": len(tokenizer), "resolution": SIZE, "latent": [4, SIZE // 8, SIZE // 8],
-        "vae_steps": a.vae_steps, "vae_batch": a.vae_batch, "vae_final_mse": round(vae_mse, 6),
+        "vocab_size": len(tokenizer), "resolution": SIZE, "latent": [4, SIZE // 4, SIZE // 4],
+        "vae_steps": a.vae_steps, "vae_batch": a.vae_batch, "vae_heldout_mse": round(vae_mse, 6),
         "scenes": a.scenes, "unet_steps": a.unet_steps, "unet_batch": a.unet_batch, "peak_lr": a.lr,
         "unet_final_loss_smoothed": round(unet_loss, 5), "scaling_factor": round(scaling, 5),
         "eval_scenes": a.eval, "guidance_scale": GUIDANCE, "sample_steps": SAMPLE_STEPS, **acc,

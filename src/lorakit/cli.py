@@ -36,14 +36,23 @@ def _data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="training data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("check", help="list every bad record, then report duplicates, lengths and truncation")
-    c.add_argument("file", help="training data: JSON array or JSONL")
-    c.add_argument("--model", required=True, help="model folder or hub id whose tokenizer measures the tokens")
+    c.add_argument("file", help="training data: JSON array or JSONL; image data: {image, text} records or a folder")
+    c.add_argument("--model", required=True, help="model folder or hub id whose tokenizer measures the tokens "
+                   "(image data: the diffusers pipeline folder)")
     c.add_argument("--seq-len", dest="seq_len", default=None, help="count examples longer than this (default 512)")
     c.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
     c.add_argument("--val-data", dest="val_data", default=None, help="validation file: checked, and its overlap with FILE")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--resolution", type=int, help="image data: flag images smaller than this (default: the pipeline's)")
+    c.add_argument("--trigger-word", dest="trigger_word", help="image data: prepended to captions before counting tokens")
 
     def run(a: argparse.Namespace) -> int:
+        from lorakit.diffusion.data import is_image_data
+
+        if is_image_data(a.file):
+            from lorakit.diffusion.check import image_check_command
+
+            return image_check_command(a)
         from lorakit.data.check import data_check_command
 
         return data_check_command(a)

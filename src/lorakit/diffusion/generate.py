@@ -78,8 +78,11 @@ def label_grid(images: list[list[Any]], columns: list[str], rows: list[str], tit
 
     w, h = images[0][0].size
     w, h = w * zoom, h * zoom
-    left, top, pad = 64, 20 + (14 if title else 0), 4
-    grid = Image.new("RGB", (left + len(columns) * (w + pad), top + len(rows) * (h + pad)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 8 + int(max(measure.textlength(name) for name in rows))
+    top, pad = 20 + (14 if title else 0), 4
+    width = max(left + len(columns) * (w + pad), 8 + int(measure.textlength(title)))
+    grid = Image.new("RGB", (width, top + len(rows) * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((4, 2), title, fill="black")
