@@ -192,11 +192,23 @@ def _quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test", help="held-out examples (default examples/data/task_test.jsonl)")
     p.add_argument("--retain", help="held-out text for perplexity (default examples/data/retain.txt)")
     p.add_argument("--full-lr", dest="full_lr", type=float, help="learning rate of the full fine-tune")
+    p.add_argument("--images", action="store_true", help="the text-to-image quickstart instead: a LoRA style on the "
+                   "bundled pipeline, style score by LoRA scale (examples/configs/image_quickstart.yaml)")
 
     def run(a: argparse.Namespace) -> int:
+        args = {k: v for k, v in vars(a).items() if k not in ("command", "func", "images") and v is not None}
+        if a.images:
+            from lorakit.diffusion.quickstart import quickstart_images
+
+            unused = sorted(set(args) - {"config", "output", "model", "max_steps"})
+            if unused:
+                raise LorakitError(f"--images: {', '.join('--' + u.replace('_', '-') for u in unused)} apply to the "
+                                   "text quickstart only")
+            quickstart_images(**args)
+            return 0
         from lorakit.quickstart import quickstart
 
-        quickstart(**{k: v for k, v in vars(a).items() if k not in ("command", "func") and v is not None})
+        quickstart(**args)
         return 0
 
     p.set_defaults(func=run)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-RESOLUTION = 32  # pixels; latents 16×16 (VAE factor 2)
+RESOLUTION = 16  # pixels; latents 8×8 (VAE factor 2)
 CAPTIONS = ["a red square", "a blue circle", "a green square", "a yellow circle", "a red circle", "a blue square"]
 
 
@@ -66,4 +66,83 @@ def write_images(folder: Path, n: int = 6, size: int = 40) -> Path:
         Image.fromarray(x).save(folder / f"img{i}.png")
         lines.append(json.dumps({"image": f"img{i}.png", "text": caption}))
     (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines[:2]) + "\n")  # two of them, for evaluation
     return folder / "data.jsonl"
+
+
+def t5_tokenizer():
+    """A T5 tokenizer over lower-case letters (Unigram pieces, no files)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz,"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
+
+
+def build_other_pipeline(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL, SD3 or Flux pipeline (diffusers' own test shapes), saved to ``folder``."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = char_tokenizer()
+
+    def clip(cls, hidden: int = 32, projection: int = 32):
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=16, projection_dim=projection,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, hidden_act="gelu"))
+
+    def t5():
+        return T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8))
+
+    if kind == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=32)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=32, sample_size=RESOLUTION)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=clip(CLIPTextModel), text_encoder_2=clip(CLIPTextModelWithProjection), tokenizer=tok,
+            tokenizer_2=char_tokenizer(), unet=unet, scheduler=EulerDiscreteScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"),
+            force_zeros_for_empty_prompt=True)
+    elif kind == "sd3":
+        transformer = SD3Transformer2DModel(sample_size=RESOLUTION, patch_size=1, in_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                            joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+        vae = AutoencoderKL(sample_size=RESOLUTION, in_channels=3, out_channels=3, block_out_channels=(4,),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+            text_encoder=clip(CLIPTextModelWithProjection), tokenizer=tok,
+            text_encoder_2=clip(CLIPTextModelWithProjection), tokenizer_2=char_tokenizer(),
+            text_encoder_3=t5(), tokenizer_3=t5_tokenizer())
+    else:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        vae = AutoencoderKL(sample_size=RESOLUTION, in_channels=3, out_channels=3, block_out_channels=(4,),
+                            layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+                            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+        pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                            text_encoder=clip(CLIPTextModel), tokenizer=tok, text_encoder_2=t5(),
+                            tokenizer_2=t5_tokenizer())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig, RunConfig
+from lorakit.device import use_bf16
 from lorakit.diffusion.data import ImageRecord, load_image, prepare, read_records
 from lorakit.diffusion.io import save_lora
 from lorakit.diffusion.objective import Objective, sdxl_time_ids
@@ -34,7 +35,6 @@ from lorakit.diffusion.pipeline import (
     resolve_pipeline_path,
     text_encoders,
 )
-from lorakit.device import use_bf16
 from lorakit.errors import LorakitError
 from lorakit.lora import add_lora
 from lorakit.model import default_device, resolve_dtype
