@@ -225,7 +225,7 @@ def _export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=tuple(FORMATS),
                    help="; ".join(f"{k}: {f.help}" for k, f in FORMATS.items()))
     p.add_argument("--output", required=True, help="new folder for the exported files")
-    p.add_argument("--dtype", help="weights: f32, f16 or bf16 (default: gguf f16, onnx and merged f32)")
+    p.add_argument("--dtype", help="weights: f32, f16 or bf16 (default: gguf f16, onnx, merged and kohya f32)")
     p.add_argument("--quantize", help="gguf: q8_0 or q4_0; onnx: int4 or int8 (CPU, weights only)")
     p.add_argument("--merge", action="store_true", help="bake the (one) adapter into the model instead")
     p.add_argument("--prompts", help="parity prompts: JSON/JSONL records or one prompt per line "

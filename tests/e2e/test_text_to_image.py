@@ -118,6 +118,13 @@ def test_kohya_file_loaded_by_diffusers_makes_the_same_image(run, base, tmp_path
     assert np.abs(_lorakit_image(base, run, 1.0, tmp_path) - theirs).max() <= 1
     # lorakit reads the kohya file back too
     assert np.abs(_lorakit_image(base, run / "lora_kohya.safetensors", 1.0, tmp_path) - theirs).max() <= 1
+    # lorakit export --format kohya writes the same layout from the diffusers file, after training
+    assert main(["export", "--adapter", str(run), "--format", "kohya", "--output", str(tmp_path / "kohya")]) == 0
+    exported = load_file(tmp_path / "kohya" / f"{run.name}.safetensors")
+    assert exported.keys() == kohya.keys() and all(torch.equal(exported[k], kohya[k]) for k in kohya)
+    pipe = _pipeline(base)
+    pipe.load_lora_weights(str(tmp_path / "kohya"), weight_name=f"{run.name}.safetensors")
+    assert np.abs(_diffusers_image(pipe) - theirs).max() <= 1
 
 
 def test_resume_after_sigkill_gives_the_same_adapter(run, base, data, tmp_path):

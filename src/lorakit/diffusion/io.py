@@ -72,20 +72,35 @@ def adapter_file(path: str | Path) -> Path:
     raise LorakitError(f"--adapter {path}: no {DIFFUSERS_FILE} or {WEIGHTS_NAME} in this folder")
 
 
+def read_file(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, with a one-line error for a bad one."""
+    try:
+        state = load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LorakitError(f"{file}: not a readable safetensors file ({e})") from None
+    if not state:
+        raise LorakitError(f"{file}: holds no tensors")
+    return state, metadata
+
+
+def read_diffusers(path: str | Path) -> tuple[dict[str, Tensor], dict[str, float], Path]:
+    """(state, alphas, file) of an adapter in diffusers' layout (a folder or its .safetensors file)."""
+    file = adapter_file(path)
+    state, metadata = read_file(file)
+    if is_kohya(state) or any(k.startswith(PREFIX) for k in state):
+        raise LorakitError(f"{file}: not diffusers' LoRA layout (<component>.<module>.lora_A.weight)")
+    return state, alphas_from_metadata(state, metadata), file
+
+
 def read_lora(path: str | Path, components: dict[str, nn.Module],
               denoiser: str) -> tuple[dict[str, Tensor], dict[str, float], Path]:
     """(diffusers-keyed state, alphas, the file read) of a diffusers, kohya or PEFT adapter."""
     from lorakit.lora.targets import base_modules
 
     file = adapter_file(path)
-    try:
-        state = load_file(str(file))
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata()
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LorakitError(f"{file}: not a readable safetensors file ({e})") from None
-    if not state:
-        raise LorakitError(f"{file}: holds no tensors")
+    state, metadata = read_file(file)
     if is_kohya(state):
         paths = {c: [p for p, _ in base_modules(m) if p] for c, m in components.items()}
         state, alphas = from_kohya(state, paths, str(file))

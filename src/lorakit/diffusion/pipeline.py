@@ -47,7 +47,9 @@ def resolve_pipeline_path(name_or_path: str) -> str:
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> Any:
     """The ``DiffusionPipeline`` in ``name_or_path`` on ``device`` (CUDA when there is one), progress bars off."""
+    import diffusers
     from diffusers import DiffusionPipeline
+    from packaging.version import Version
 
     from lorakit.model import default_device
 
@@ -56,7 +58,9 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32,
     level = logging.getLogger("diffusers").level
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+        # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning)
+        key = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
+        pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype})
     except Exception as e:  # diffusers raises ValueError/OSError/EnvironmentError/KeyError by the component
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LorakitError(f"--model {name_or_path}: could not load the pipeline ({first})") from None

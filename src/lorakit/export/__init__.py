@@ -37,6 +37,7 @@ class Format:
     quantize: tuple[str, ...] = ()
     merge: bool = True          # accepts --merge (bake one adapter in)
     several: bool = True        # accepts several --adapter at once
+    text_to_image: bool = False  # reads text-to-image adapters (diffusers' layout), not PEFT language-model ones
 
 
 FORMATS: dict[str, Format] = {
@@ -47,6 +48,9 @@ FORMATS: dict[str, Format] = {
                    ".onnx_adapter per adapter (or --merge: one adapter baked in)", ("f32",), "f32", ("int4", "int8")),
     "merged": Format("lorakit.export.merged", "a plain Hugging Face model folder with the adapter folded in "
                      "(lorakit merge)", ("f32", "f16", "bf16"), "f32", (), merge=False, several=False),
+    "kohya": Format("lorakit.export.kohya", "A1111 / ComfyUI / Forge: a text-to-image adapter in kohya's key layout "
+                    "(lora_unet_..., .alpha), one .safetensors per adapter", ("f32", "f16", "bf16"), "f32", (),
+                    merge=False, text_to_image=True),
 }
 
 
@@ -150,14 +154,22 @@ def check_job(job: ExportJob) -> Format:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LorakitError(f"--output {out}: exists and is not empty; choose a new folder")
     for a in job.adapters:
-        unsupported_adapter(a.path)
+        if fmt.text_to_image:
+            from lorakit.diffusion.io import read_diffusers
+
+            read_diffusers(a.path)  # refuses other layouts, pickles, broken files
+        else:
+            unsupported_adapter(a.path)
     return fmt
 
 
 def unsupported_adapter(path: Path) -> None:
     """One line for adapter features no export format can express (before anything is loaded)."""
-    from lorakit.lora.io import read_adapter
+    from lorakit.lora.io import WEIGHTS_NAME, read_adapter
 
+    if (path / "pytorch_lora_weights.safetensors").is_file() and not (path / WEIGHTS_NAME).is_file():
+        raise LorakitError(f"--adapter {path}: a text-to-image adapter (diffusers' layout); export it with "
+                           "--format kohya")
     config, _ = read_adapter(path)  # refuses DoRA, pickles, broken files
     if config.get("modules_to_save"):
         raise LorakitError(f"{path}/adapter_config.json: modules_to_save {config['modules_to_save']} holds whole "
