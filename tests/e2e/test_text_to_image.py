@@ -202,25 +202,32 @@ def test_data_check_lists_every_problem_and_warning(base, data, tmp_path, capsys
     assert f"{shots / 'b.png'}: no caption file b.txt" in out
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd-v-te", "sdxl", "sd3", "flux"])
 def test_other_denoisers_train_and_diffusers_loads_the_adapter(kind, data, tmp_path):
-    """SDXL (pooled text + size/crop ids), SD3 and Flux (flow matching; Flux's packed latents): a LoRA on
-    the denoiser's attention trains, and diffusers' loader gives lorakit's image."""
+    """SD with v-prediction, min-SNR-γ, noise offset and the text encoder trained too; SDXL (pooled text +
+    size/crop ids); SD3 and Flux (flow matching; Flux's packed latents): the adapter trains, and diffusers'
+    loader gives lorakit's image."""
     from diffusers import DiffusionPipeline
 
     from tests.e2e.tiny_pipeline import build_other_pipeline
 
-    base = build_other_pipeline(kind, tmp_path / kind)
+    extra = {}
+    if kind == "sd-v-te":
+        base = build_pipeline(tmp_path / kind, prediction_type="v_prediction")
+        extra = {"train_text_encoder": True, "snr_gamma": 5.0, "noise_offset": 0.05}
+    else:
+        base = build_other_pipeline(kind, tmp_path / kind)
     out = tmp_path / "lora"
     train(load_config(None, {**FLAGS, "model": str(base), "data": str(data), "output": str(out), "max_steps": 2,
-                             "save_every": 0}))
+                             "save_every": 0, **extra}))
     keys = load_file(out / "pytorch_lora_weights.safetensors")
-    denoiser = "unet" if kind == "sdxl" else "transformer"
-    assert keys and all(k.startswith(f"{denoiser}.") and ".lora_" in k for k in keys)
+    denoiser = "transformer" if kind in ("sd3", "flux") else "unet"
+    components = {denoiser, "text_encoder"} if extra else {denoiser}
+    assert keys and {k.split(".")[0] for k in keys} == components and all(".lora_" in k for k in keys)
     pipe = DiffusionPipeline.from_pretrained(str(base))
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out))
-    scale = {"cross_attention_kwargs" if kind == "sdxl" else "joint_attention_kwargs": {"scale": 1.0}}
+    scale = {"joint_attention_kwargs" if denoiser == "transformer" else "cross_attention_kwargs": {"scale": 1.0}}
     theirs = _pixels(pipe(PROMPT, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
                           generator=torch.Generator().manual_seed(SEED), **scale).images[0])
     image = tmp_path / "ours.png"
