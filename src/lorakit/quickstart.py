@@ -170,13 +170,17 @@ def quickstart(config: str = CONFIG, output: str = "runs/quickstart", model: str
         "wall_s": round(time.perf_counter() - started, 1),
         "cpu_s": round(sum(children[:4]), 1),  # this process and every child it waited for
     }
+    write_report(out, report, render(report))
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
+    return report
+
+
+def write_report(out: Path, report: dict[str, Any], markdown: str) -> None:
+    """``OUTPUT/report.json`` and ``OUTPUT/report.md`` (each whole or absent), and the Markdown on stdout."""
     out.mkdir(parents=True, exist_ok=True)
-    markdown = render(report)
     write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     write_atomic(out / "report.md", lambda p: p.write_text(markdown))
     print(markdown, end="")
-    print(f"report: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
-    return report
 
 
 def evaluate_runs(lora: Path, full: Path, test: str, retain: str, limit: int) -> dict[str, dict[str, Any]]:

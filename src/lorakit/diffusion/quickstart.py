@@ -50,7 +50,7 @@ def quickstart_images(config: str = CONFIG, output: str = "runs/quickstart-image
                       max_steps: int | None = None, style: str = STYLE, threads: int | None = None) -> dict[str, Any]:
     """Train, generate, score; print the table and write ``OUTPUT/report.{json,md}``, ``grid.png`` and
     ``style_score.png``. Returns the report."""
-    from lorakit.quickstart import run_children, tensor_count
+    from lorakit.quickstart import run_children, tensor_count, write_report
 
     started, load_before = time.perf_counter(), os.getloadavg()
     flags = {"model": model, "max_steps": max_steps}
@@ -101,10 +101,7 @@ def quickstart_images(config: str = CONFIG, output: str = "runs/quickstart-image
     out.mkdir(parents=True, exist_ok=True)
     write_grid(images, prompts, trigger, out / "grid.png")
     plot_scores(report, out / "style_score.png")
-    markdown = render(report)
-    write_atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    write_atomic(out / "report.md", lambda p: p.write_text(markdown))
-    print(markdown, end="")
+    write_report(out, report, render(report))
     print(f"report: {out / 'report.md'}; grid: {out / 'grid.png'}; plot: {out / 'style_score.png'}", file=sys.stderr)
     return report
 
