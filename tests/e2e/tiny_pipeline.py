@@ -92,7 +92,13 @@ def build_other_pipeline(kind: str, folder: Path, seed: int = 0) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     torch.manual_seed(seed)
     tok = char_tokenizer()
