@@ -85,7 +85,7 @@ def test_train_help_shows_each_default(capsys):
     for shown in (f"peak learning rate (default: {defaults.lr:g})", "LoRA rank r (default: 8)",
                   "LoRA alpha; scaling = alpha/r (default: 16)", "examples per micro-batch (default: 8)",
                   "(longer ones are truncated) (default: 512)", "linear warmup steps (default: 0)",
-                  "cosine or linear decay after warmup (default: cosine)", "(default: all-linear)",
+                  "cosine or linear decay after warmup (default: cosine)", "(default: auto)",
                   "pack several examples into each sequence (default: false)"):
         assert shown in help_text
     flags = {k: v for k, v in vars(build_parser().parse_args(["train"])).items() if k not in ("command", "func")}
