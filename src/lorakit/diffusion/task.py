@@ -151,12 +151,11 @@ class TextToImageTask:
 
     # --- the Task protocol -----------------------------------------------------------------------------------
 
-    def batch_order(self, epoch: int) -> list[list[int]]:
+    def batch_order(self, epoch: int, batch_size: int) -> list[list[int]]:
         """A seeded shuffle per epoch, cut into micro-batches (all images have one size: no grouping)."""
         order = list(range(len(self.train_set)))
         random.Random(f"{self.cfg.train.seed}:{epoch}").shuffle(order)
-        b = self.cfg.train.batch_size
-        return [order[k:k + b] for k in range(0, len(order), b)]
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
         flips = [bool(torch.rand(()) < 0.5) if self.flip else False for _ in indices]
