@@ -241,7 +241,43 @@ def _export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data, _train, _generate, _generate_image, _merge, _eval, _quickstart, _export]
+def _serve(sub: argparse._SubParsersAction) -> None:
+    from lorakit.config import ServeRunConfig, add_config_flags
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many adapters batched together")
+    p.add_argument("config", nargs="?", help="YAML with model and serve sections; flags override it")
+    add_config_flags(p, root=ServeRunConfig, exclude=("gradient-checkpointing",))
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.config import load_config
+        from lorakit.serve import require_serve_extra
+
+        require_serve_extra()
+        from lorakit.serve.server import serve
+
+        flags = {k: v for k, v in vars(a).items() if k not in ("command", "func", "config")}
+        return serve(load_config(a.config, flags, root=ServeRunConfig))
+
+    p.set_defaults(func=run)
+
+
+def _check_adapter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-adapter", help="will an inference engine load this adapter? (vLLM's own rules)")
+    p.add_argument("adapter", help="adapter folder (PEFT format)")
+    p.add_argument("--for", dest="engine", required=True, choices=("vllm",), help="the engine to check against")
+    p.add_argument("--model", help="base model for the printed command (default: the adapter's base model)")
+    p.add_argument("--name", help="the adapter's name in the engine (default: the folder's name)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.serve.vllm import check_adapter_command
+
+        return check_adapter_command(a.adapter, a.model, a.name)
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_params, _data, _train, _generate, _generate_image, _merge, _eval, _quickstart, _export, _serve,
+            _check_adapter]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -52,10 +52,12 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 
 
 def _opt(default: Any, help: str, flag: str | None = None, valid: Range | None = None,
-         aliases: tuple[str, ...] = (), **kw: Any) -> Any:
+         aliases: tuple[str, ...] = (), repeat: bool = False, **kw: Any) -> Any:
     meta: dict[str, Any] = {"help": help}
     if flag:
         meta["flag"] = flag
+    if repeat:  # a list flag that may be given several times (--adapter a=X --adapter b=Y)
+        meta["repeat"] = True
     if valid is not None:
         meta["valid"] = valid
     if aliases:
@@ -225,6 +227,44 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
+@dataclass
+class ServeConfig:
+    """``lorakit serve``: one base model, many adapters, an OpenAI-compatible HTTP endpoint."""
+
+    adapters: list[str] = _opt([], "NAME=DIR: serve the PEFT adapter in DIR as model NAME (repeat the flag)",
+                               flag="--adapter", repeat=True)
+    adapter_dir: str = _opt("", "folder POST /v1/adapters may load from (paths inside it only); unset: no "
+                            "runtime loading")
+    host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network (set an API key)")
+    port: int = _opt(8000, "TCP port", valid=Range(1, 65535))
+    api_key: str = _opt("", "require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: the LORAKIT_API_KEY environment variable)")
+    served_model_name: str = _opt("", "the base model's id in the API (default: the --model value)")
+    max_batch: int = _opt(32, "requests decoded together in one forward", valid=AT_LEAST_ONE)
+    max_adapters: int = _opt(32, "adapters held in memory; beyond it the least recently used one is unloaded "
+                             "and reloaded on demand", valid=AT_LEAST_ONE)
+    max_queue: int = _opt(256, "requests waiting beyond the free batch slots; more get 429 with Retry-After",
+                          valid=AT_LEAST_ONE)
+    max_tokens_limit: int = _opt(4096, "the largest max_tokens a request may ask for", valid=AT_LEAST_ONE)
+    threads: int = _opt(0, "torch CPU threads (0: the cores this process may use)", valid=NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        self.adapters = [a.strip() for item in self.adapters for a in item.split(",") if a.strip()]
+        for spec in self.adapters:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise LorakitError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter sql=runs/sql")
+        check_ranges(self, "serve")
+
+
+@dataclass
+class ServeRunConfig:
+    """What ``lorakit serve`` reads: the base model (its model section) and the server options."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
 # --- generic machinery: flags, YAML, validation -------------------------------------------------
 
 
@@ -332,17 +372,21 @@ def _default_text(f: dataclasses.Field) -> str:
     return f" (default: {text})"
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
-    """Add one flag per config field (all sections, or the named ones); a bool field gets ``--name`` and
-    ``--no-name``, so either way a YAML value can be overridden. Defaults are None so that only flags the
-    user typed override the YAML."""
-    for name, (section, f, tp) in _leaf_fields().items():
-        if sections is not None and section not in sections:
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
+                     root: type = RunConfig, exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per config field of ``root`` (all sections, or the named ones; not the flags in
+    ``exclude``); a bool field gets ``--name`` and ``--no-name``, so either way a YAML value can be
+    overridden. Defaults are None so that only flags the user typed override the YAML."""
+    for name, (section, f, tp) in _leaf_fields(root).items():
+        if (sections is not None and section not in sections) or name in exclude:
             continue
         help = (f.metadata.get("help", "") + _default_text(f)).replace("%", "%%")  # argparse %-formats help
         flags = ["--" + name, *f.metadata.get("aliases", ())]
         if tp is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif f.metadata.get("repeat"):
+            parser.add_argument(*flags, dest=name, action="append", default=None,
+                                metavar=name.upper().replace("-", "_"), help=help)
         else:
             parser.add_argument(*flags, dest=name, default=None, metavar=name.upper().replace("-", "_"), help=help)
 
@@ -392,13 +436,14 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + flag overrides (``{"lr": "1e-4"}``, ``None`` = not given) -> RunConfig.
-    Every problem (unknown keys with their close matches, wrong types, values out of range) is reported
-    in one LorakitError, not only the first."""
-    leaves = _leaf_fields()
-    by_section: dict[str, dict[str, Any]] = {s: {} for s, _ in _sections(RunConfig)}
-    sections = dict(_sections(RunConfig))
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                root: type = RunConfig) -> Any:
+    """YAML file (optional) + flag overrides (``{"lr": "1e-4"}``, ``None`` = not given) -> ``root`` (RunConfig,
+    or ServeRunConfig for ``lorakit serve``). Every problem (unknown keys with their close matches, wrong
+    types, values out of range) is reported in one LorakitError, not only the first."""
+    leaves = _leaf_fields(root)
+    by_section: dict[str, dict[str, Any]] = {s: {} for s, _ in _sections(root)}
+    sections = dict(_sections(root))
     problems: list[str] = []
 
     def put(section: str, f: dataclasses.Field, tp: Any, value: Any, where: str) -> None:
@@ -461,7 +506,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 problems.append(str(e))
     if problems:
         raise LorakitError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
-    return RunConfig(**built)
+    return root(**built)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
