@@ -229,3 +229,39 @@ def test_ollama_template_is_the_chat_template_in_go(tmp_path):
     assert '{{ range .Messages }}{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in text
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"  # rewrites content
     assert chat_pieces(tok) is None
+
+
+def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path, capsys):
+    """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, converted by transformers) and grouped
+    key/value heads (k_proj's RoPE permutation over 2 heads, q_proj's over 4), on a tiny random Llama."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit import LoraConfig, add_lora, save_adapter
+    from tests.conftest import randomize_lora
+
+    sp = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((DATA / "retain.txt").read_text().splitlines()),
+                                   model_writer=sp, vocab_size=600, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, split_digits=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", minloglevel=2)
+    src, model_dir = tmp_path / "sp", tmp_path / "model"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(sp.getvalue())
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False}))
+    AutoTokenizer.from_pretrained(src).save_pretrained(model_dir)  # tokenizer.json only, as lorakit saves it
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.save_pretrained(model_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model, std=0.2)
+    save_adapter(model, tmp_path / "lora", base_model_name_or_path=str(model_dir))
+    code, text, err = export(capsys, "--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32",
+                             "--output", tmp_path / "out", "--strict")
+    assert code == 0 and "-> OK" in text, err + text
+    # llama.cpp adds SentencePiece's leading "▁" even before a leading space, transformers' Metaspace does not
+    assert "tokenizer: llama, pre-tokenizer 'default' (checked: llama.cpp tokenizes 4/4 prompts" in text
+    assert "differs on e.g. ' Hello world'" in text
