@@ -12,7 +12,6 @@ format's parity check runs the written files in their own runtime against PyTorc
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -177,21 +176,6 @@ def unsupported_adapter(path: Path) -> None:
                            "with --format merged, or retrain without modules_to_save")
     if config.get("lora_bias"):
         raise LorakitError(f"{path}/adapter_config.json: lora_bias adapters are not supported by lorakit export")
-
-
-def recorded_base(adapter: Path) -> dict | None:
-    """The base file an adapter records (``lorakit_base.json``: a GGUF base), else None."""
-    try:
-        from lorakit.model import recorded_base as model_recorded_base  # type: ignore[attr-defined]
-    except ImportError:
-        record = adapter / "lorakit_base.json"
-        if not record.is_file():
-            return None
-        try:
-            return json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LorakitError(f"{record}: unreadable ({e})") from None
-    return model_recorded_base(adapter)
 
 
 def export(job: ExportJob) -> tuple[list[Written], object | None]:

@@ -41,9 +41,8 @@ from lorakit.errors import LorakitError
 from lorakit.export import Exported, ExportJob, Written
 from lorakit.export.source import LoraWeight, Source, load_source
 
-# Hugging Face architecture -> llama.cpp architecture; whether its q/k rows get llama.cpp's RoPE permutation
-ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-                 "Qwen2ForCausalLM": ("qwen2", False)}
+# transformers model_type -> llama.cpp architecture; whether its q/k rows get llama.cpp's RoPE permutation
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 SUPPORTED = "Llama, Mistral, Qwen2"
 BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
 
@@ -83,10 +82,9 @@ class Vocab:
 
 def gguf_arch(config: Any, where: str) -> tuple[str, bool]:
     """(llama.cpp architecture, permute q/k) for a transformers config, or one line naming what is supported."""
-    archs = list(getattr(config, "architectures", None) or [])
-    found = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    found = ARCHITECTURES.get(getattr(config, "model_type", None))
     if found is None:
-        name = archs[0] if archs else getattr(config, "model_type", "unknown")
+        name = (getattr(config, "architectures", None) or [getattr(config, "model_type", "unknown")])[0]
         raise LorakitError(f"{where}: architecture {name} is not supported by lorakit export --format gguf "
                            f"(supported: {SUPPORTED}); try --format onnx or --format merged")
     return found
@@ -453,14 +451,18 @@ def _write_file(path: Path, arch: str, config: Any, vocab: Vocab | None, tensors
     return kept
 
 
-def _gguf_base_info(path: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """(architecture, {tensor name: numpy-order shape}) of an existing GGUF file."""
+def _gguf_base_info(path: Path) -> tuple[str, str, dict[str, tuple[int, ...]]]:
+    """(architecture, weight type, {tensor name: numpy-order shape}) of an existing GGUF file; the weight type
+    is its 2-D tensors' most common type (f32, f16, q4_1, ...)."""
+    from collections import Counter
+
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    field = reader.fields["general.architecture"]
-    arch = bytes(field.parts[field.data[0]]).decode()
-    return arch, {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    arch = reader.fields["general.architecture"].contents()
+    kinds = Counter(t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) == 2)
+    return arch, kinds.most_common(1)[0][0], {t.name: tuple(int(d) for d in reversed(t.shape.tolist()))
+                                             for t in reader.tensors}
 
 
 def _check_against(tensors: list[tuple[str, Tensor]], base: dict[str, tuple[int, ...]], base_path: Path) -> None:
@@ -523,7 +525,7 @@ def export(job: ExportJob) -> Exported:
             alpha = _alpha(a.path, weights)
             tensors = list(lora_tensors(weights, config, arch, permute, alpha))
             if source.gguf_file is not None:
-                base_arch, shapes = _gguf_base_info(source.gguf_file)
+                base_arch, _, shapes = _gguf_base_info(source.gguf_file)
                 if base_arch != arch:
                     raise LorakitError(f"{source.gguf_file}: architecture {base_arch}, the adapter's base {arch}")
                 _check_against(tensors, shapes, source.gguf_file)
@@ -541,7 +543,9 @@ def export(job: ExportJob) -> Exported:
         written.append(Written(out / name, f"Ollama Modelfile for {a.name}" + (f" ({note})" if note else "")))
         if job.merge:
             break
-    exact = kind in ("f32", "f16")
+    if source.gguf_file is not None and not job.merge:  # the file's own weights, with LoRA files in lora_kind
+        kind = f"{_gguf_base_info(source.gguf_file)[1]} base {source.gguf_file.name}, LoRA {lora_kind}"
+    exact = kind.split(" ")[0] in ("f32", "f16")
     return Exported(written, notes, check=lambda final: gguf_check(source, _moved(targets, out, final), prompts,
                                                                      exact, kind, problems),
                     base_bytes=source.gguf_file.stat().st_size if source.gguf_file else None)

@@ -8,7 +8,6 @@ model is the parity check's reference: PyTorch, fp32, the adapter on (or off, or
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
-from lorakit.export import AdapterSource, ExportJob, recorded_base
+from lorakit.export import AdapterSource, ExportJob
 
 
 @dataclass
@@ -104,32 +103,30 @@ def base_name(job: ExportJob) -> str:
     return next(iter(names.values()))
 
 
-def checked_gguf_base(job: ExportJob) -> Path | None:
-    """The GGUF file the adapters were trained on (``lorakit_base.json``), checked to be the very file (size and
-    SHA-256) when --model does not name another base; None for a Hugging Face base."""
+def gguf_base(job: ExportJob) -> Path | None:
+    """The GGUF file the export pairs the adapters with, or None for a Hugging Face base: ``--model FILE.gguf``,
+    else the file the adapters were trained on (their ``lorakit_base.json``), checked to be that very file
+    (size and SHA-256)."""
+    from lorakit.gguf import file_sha256, find_gguf
+    from lorakit.model import recorded_base
+
+    if job.model:
+        return find_gguf(job.model)
     records = [recorded_base(a.path) for a in job.adapters]
     found = [r for r in records if r and r.get("format") == "gguf"]
-    if not found or job.model:
+    if not found:
         return None
-    if len(found) != len(records) or len({r.get("sha256") for r in found}) > 1:
+    if len(found) != len(records) or len({r["sha256"] for r in found}) > 1:
         raise LorakitError("the adapters were trained on different bases; export them separately")
-    record = found[0]
+    record, where = found[0], job.adapters[records.index(found[0])].path / "lorakit_base.json"
     path = Path(record["path"])
     if not path.is_file():
-        raise LorakitError(f"{job.adapters[0].path}/lorakit_base.json: the base {path} is gone; pass --model with "
-                           f"the GGUF file {record.get('file_name')} (sha256 {str(record.get('sha256'))[:12]}...)")
-    if path.stat().st_size != record.get("size") or _sha256(path) != record.get("sha256"):
-        raise LorakitError(f"{path}: not the file the adapter was trained on (size or SHA-256 differ from "
-                           f"{job.adapters[0].path}/lorakit_base.json); restore that file or pass --model")
+        raise LorakitError(f"{where}: the base {path} is gone; pass --model with the GGUF file "
+                           f"{record['file_name']} (SHA-256 {record['sha256'][:12]}...)")
+    if path.stat().st_size != record["size"] or file_sha256(path) != record["sha256"]:
+        raise LorakitError(f"{path}: not the file the adapter was trained on (its size or SHA-256 differ from "
+                           f"{where}); restore that file, or pass --model to pair the adapter with another")
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = None) -> Source:
@@ -140,7 +137,7 @@ def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = Non
     from lorakit.lora import load_adapter
     from lorakit.model import load_model, load_tokenizer, resolve_model_path
 
-    gguf_file = checked_gguf_base(job)
+    gguf_file = gguf_base(job)
     name = str(gguf_file) if gguf_file else base_name(job)
     if check is not None and Path(name, "config.json").is_file():
         from transformers import AutoConfig
@@ -149,7 +146,7 @@ def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = Non
     cfg = ModelConfig(name_or_path=name, dtype="float32")
     tokenizer = load_tokenizer(resolve_model_path(name))
     model = load_model(cfg, device=torch.device("cpu"))
-    folder = _hf_folder(model, name)
+    folder = _hf_folder(name, gguf_file)
     for i, a in enumerate(job.adapters):
         load_adapter(model, a.path, f"adapter{i}")
     source = Source(base=name, folder=folder, gguf_file=gguf_file, config=model.config, tokenizer=tokenizer,
@@ -158,13 +155,13 @@ def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = Non
     return source
 
 
-def _hf_folder(model: nn.Module, name: str) -> str:
-    """A local Hugging Face folder for the base: the model folder itself, or (GGUF base) its conversion."""
+def _hf_folder(name: str, gguf_file: Path | None) -> str:
+    """A local Hugging Face folder for the base: the model folder itself, or lorakit's conversion of a GGUF file."""
+    if gguf_file is not None:
+        from lorakit.gguf import converted_folder
+
+        return str(converted_folder(gguf_file))
     if Path(name).is_dir():
         return str(Path(name).resolve())
-    try:
-        from lorakit.gguf import converted_folder  # type: ignore[import-not-found]
-
-        return str(converted_folder(Path(name)))
-    except ImportError:
-        raise LorakitError(f"--model {name}: export needs a local model folder") from None
+    raise LorakitError(f"--model {name}: export needs a local model folder or GGUF file, not a hub id "
+                       "(download it first)")
