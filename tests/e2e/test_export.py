@@ -68,15 +68,6 @@ def reference(run):
     return greedy
 
 
-def export(capsys, *args) -> tuple[int, str, str]:
-    from lorakit.cli import main
-
-    capsys.readouterr()
-    code = main(["export", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def llama_greedy(llm, ids: list[int]) -> list[int]:
     """llama.cpp's own greedy decoding (top_k 1), stopped at eos (2) or <|im_end|> (5) as transformers stops."""
     out = []
@@ -87,11 +78,30 @@ def llama_greedy(llm, ids: list[int]) -> list[int]:
     return out
 
 
-def test_gguf_f32_base_adapter_and_scale_match_pytorch(run, prompts, reference, capsys, tmp_path):
+def run_export(*args) -> tuple[int, str, str]:
+    """``lorakit export ARGS`` through the console script's ``main``, in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from lorakit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["export", *map(str, args)])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def f32(run, tmp_path_factory) -> tuple[Path, int, str, str]:
+    """`lorakit export --format gguf --dtype f32 --strict` of the run: (output folder, exit code, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("f32") / "gguf"
+    return (out, *run_export("--adapter", run, "--format", "gguf", "--dtype", "f32", "--output", out, "--strict"))
+
+
+def test_gguf_f32_base_adapter_and_scale_match_pytorch(f32, prompts, reference):
     from llama_cpp import Llama
 
-    out = tmp_path / "gguf"
-    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--dtype", "f32", "--output", out, "--strict")
+    out, code, text, err = f32
     assert code == 0, err
     assert "-> OK" in text and "pre-tokenizer 'smollm' (checked:" in text, text
     base, lora = out / "base-model.f32.gguf", out / "qs-lora.lora.gguf"
@@ -118,13 +128,13 @@ def test_gguf_f32_base_adapter_and_scale_match_pytorch(run, prompts, reference, 
     assert all(torch.equal(back[k], v) for k, v in original.items())
 
 
-def test_gguf_f16_and_merged_match_pytorch(run, prompts, reference, capsys, tmp_path):
+def test_gguf_f16_and_merged_match_pytorch(run, prompts, reference, tmp_path):
     from llama_cpp import Llama
 
-    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--output", tmp_path / "f16", "--strict")
+    code, text, err = run_export("--adapter", run, "--format", "gguf", "--output", tmp_path / "f16", "--strict")
     assert code == 0 and "-> OK" in text, err + text
     base, lora = tmp_path / "f16" / "base-model.f16.gguf", tmp_path / "f16" / "qs-lora.lora.gguf"
-    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--merge", "--output", tmp_path / "m",
+    code, text, err = run_export("--adapter", run, "--format", "gguf", "--merge", "--output", tmp_path / "m",
                              "--strict")
     assert code == 0 and "-> OK" in text, err + text
     merged = tmp_path / "m" / "qs-lora.merged.f16.gguf"
@@ -137,8 +147,8 @@ def test_gguf_f16_and_merged_match_pytorch(run, prompts, reference, capsys, tmp_
         assert llama_greedy(one, ids) == reference(1.0, ids)
 
 
-def test_gguf_q8_0_keeps_unblockable_rows_16_bit(run, capsys, tmp_path):
-    code, text, err = export(capsys, "--adapter", run, "--format", "gguf", "--quantize", "q8_0", "--output", tmp_path)
+def test_gguf_q8_0_keeps_unblockable_rows_16_bit(run, tmp_path):
+    code, text, err = run_export("--adapter", run, "--format", "gguf", "--quantize", "q8_0", "--output", tmp_path)
     assert code == 0, err
     # the bundled model's down_proj rows hold 688 values, not whole blocks of 32: they stay f16, and say so
     assert "4 tensor(s) stayed f16 instead of q8_0" in text and "blk.0.ffn_down.weight" in text
@@ -160,10 +170,10 @@ def half(run, tmp_path_factory) -> Path:
     return out
 
 
-def test_onnx_adapters_switch_on_and_off_in_one_process(run, half, prompts, reference, capsys, tmp_path):
+def test_onnx_adapters_switch_on_and_off_in_one_process(run, half, prompts, reference, tmp_path):
     import onnxruntime_genai as og
 
-    code, text, err = export(capsys, "--adapter", f"{run},{half}", "--format", "onnx", "--output", tmp_path, "--strict")
+    code, text, err = run_export("--adapter", f"{run},{half}", "--format", "onnx", "--output", tmp_path, "--strict")
     assert code == 0 and "-> OK" in text, err + text
     model = og.Model(str(tmp_path / "model"))
     adapters = og.Adapters(model)
@@ -190,7 +200,7 @@ def test_onnx_adapters_switch_on_and_off_in_one_process(run, half, prompts, refe
         assert greedy(ids, "qs") == reference(1.0, ids)
 
 
-def test_unsupported_architecture_and_modules_to_save_get_one_line(run, tmp_path, capsys):
+def test_unsupported_architecture_and_modules_to_save_get_one_line(run, tmp_path):
     import shutil
 
     from lorakit import LoraConfig, add_lora, save_adapter
@@ -200,7 +210,7 @@ def test_unsupported_architecture_and_modules_to_save_get_one_line(run, tmp_path
     gpt2.save_pretrained(tmp_path / "gpt2")
     add_lora(gpt2, LoraConfig(r=4, target_modules=["c_attn"]))
     save_adapter(gpt2, tmp_path / "gpt2-lora", base_model_name_or_path=str(tmp_path / "gpt2"))
-    code, out, err = export(capsys, "--adapter", tmp_path / "gpt2-lora", "--format", "gguf", "--output", tmp_path / "x")
+    code, out, err = run_export("--adapter", tmp_path / "gpt2-lora", "--format", "gguf", "--output", tmp_path / "x")
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "architecture GPT2LMHeadModel is not supported" in err and "(supported: Llama, Mistral, Qwen2)" in err
 
@@ -209,7 +219,7 @@ def test_unsupported_architecture_and_modules_to_save_get_one_line(run, tmp_path
     config = json.loads((saved / "adapter_config.json").read_text())
     (saved / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
     for fmt in ("gguf", "onnx"):
-        code, out, err = export(capsys, "--adapter", saved, "--format", fmt, "--output", tmp_path / "y")
+        code, out, err = run_export("--adapter", saved, "--format", fmt, "--output", tmp_path / "y")
         assert code == 2 and err.count("\n") == 1 and "modules_to_save ['lm_head']" in err, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -231,7 +241,7 @@ def test_ollama_template_is_the_chat_template_in_go(tmp_path):
     assert chat_pieces(tok) is None
 
 
-def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path, capsys):
+def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path):
     """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, converted by transformers) and grouped
     key/value heads (k_proj's RoPE permutation over 2 heads, q_proj's over 4), on a tiny random Llama."""
     import io
@@ -259,9 +269,65 @@ def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path, capsys):
     add_lora(model, LoraConfig(r=4, alpha=8))
     randomize_lora(model, std=0.2)
     save_adapter(model, tmp_path / "lora", base_model_name_or_path=str(model_dir))
-    code, text, err = export(capsys, "--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32",
+    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32",
                              "--output", tmp_path / "out", "--strict")
     assert code == 0 and "-> OK" in text, err + text
     # llama.cpp adds SentencePiece's leading "▁" even before a leading space, transformers' Metaspace does not
     assert "tokenizer: llama, pre-tokenizer 'default' (checked: llama.cpp tokenizes 4/4 prompts" in text
     assert "differs on e.g. ' Hello world'" in text
+
+
+def test_adapter_on_a_gguf_base_is_written_for_that_file(run, f32, prompts, reference, tmp_path):
+    """Issue 15's contract: an adapter trained on a GGUF file records it (lorakit_base.json); export pairs the LoRA
+    GGUF with that very file instead of re-exporting a base, and refuses a file that changed."""
+    import shutil
+
+    from llama_cpp import Llama
+
+    from lorakit.gguf import write_base_record
+
+    base = tmp_path / "base.gguf"  # the bundled model as GGUF: the weights the run was trained on, exactly
+    shutil.copy(f32[0] / "base-model.f32.gguf", base)
+    adapter = tmp_path / "on-gguf"
+    shutil.copytree(run, adapter)
+    write_base_record(adapter, base)
+    code, text, err = run_export("--adapter", adapter, "--format", "gguf", "--output", tmp_path / "out", "--strict")
+    assert code == 0 and "-> OK" in text and "(GGUF f32 base base.gguf, LoRA f16)" in text, err + text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "on-gguf.lora.gguf"]
+    assert (tmp_path / "out" / "Modelfile").read_text().startswith(f"FROM {base}\nADAPTER ./on-gguf.lora.gguf\n")
+    llm = Llama(model_path=str(base), lora_path=str(tmp_path / "out" / "on-gguf.lora.gguf"), n_ctx=256, verbose=False)
+    assert all(llama_greedy(llm, ids) == reference(1.0, ids) for ids in prompts)
+
+    with open(base, "ab") as f:
+        f.write(b"\0")
+    code, out, err = run_export("--adapter", adapter, "--format", "gguf", "--output", tmp_path / "out2")
+    assert code == 2 and "not the file the adapter was trained on" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_match_pytorch_in_llama_cpp(arch, tmp_path):
+    """Tiny random Qwen2 (q/k/v biases, no RoPE permutation in llama.cpp) and Mistral (llama.cpp's llama
+    architecture) with grouped KV heads and the bundled tokenizer: GGUF f32 base + LoRA give PyTorch's tokens."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit import LoraConfig, add_lora, save_adapter
+    from tests.conftest import randomize_lora
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BASE / f, model_dir / f)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(model_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model, std=0.2)
+    save_adapter(model, tmp_path / "lora", base_model_name_or_path=str(model_dir))
+    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32",
+                                 "--output", tmp_path / "out", "--strict")
+    assert code == 0 and "-> OK" in text and "base + lora" in text, err + text
