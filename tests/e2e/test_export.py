@@ -223,6 +223,16 @@ def test_unsupported_architecture_and_modules_to_save_get_one_line(run, tmp_path
         assert code == 2 and err.count("\n") == 1 and "modules_to_save ['lm_head']" in err, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
+    # LoRA on the bundled model's embeddings, which are tied to its output head
+    from transformers import AutoModelForCausalLM
+
+    tied = add_lora(AutoModelForCausalLM.from_pretrained(BASE), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    save_adapter(tied, tmp_path / "emb", base_model_name_or_path=str(BASE))
+    for fmt, says in (("gguf", "ties its embeddings to the output head"), ("onnx", "cannot switch an embedding LoRA")):
+        code, out, err = run_export("--adapter", tmp_path / "emb", "--format", fmt, "--output", tmp_path / "z")
+        assert code == 2 and err.count("\n") == 1 and says in err and "--merge" in err, err
+    assert not (tmp_path / "z").exists()
+
 
 def test_ollama_template_is_the_chat_template_in_go(tmp_path):
     from lorakit.export.ollama import chat_pieces, modelfile

@@ -80,6 +80,17 @@ class Vocab:
 # --- architecture and names ---------------------------------------------------------------------------
 
 
+def check_base(config: Any, where: str, modules: dict[str, list[str]]) -> None:
+    """One line, before anything is loaded, for a base or adapter this format cannot express."""
+    gguf_arch(config, where)
+    if getattr(config, "tie_word_embeddings", False):
+        for name, paths in modules.items():
+            tied = [p for p in paths if p.endswith(("embed_tokens", "lm_head"))]
+            if tied:
+                raise LorakitError(f"adapter {name} on {tied[0]}: the base ties its embeddings to the output head, "
+                                   "and llama.cpp cannot apply a LoRA to one of the two; export with --merge")
+
+
 def gguf_arch(config: Any, where: str) -> tuple[str, bool]:
     """(llama.cpp architecture, permute q/k) for a transformers config, or one line naming what is supported."""
     found = ARCHITECTURES.get(getattr(config, "model_type", None))
@@ -485,7 +496,7 @@ def export(job: ExportJob) -> Exported:
     from lorakit.export.ollama import modelfile
     from lorakit.export.parity import GgufTarget, gguf_check, parity_prompts, run_data_format
 
-    source = load_source(job, gguf_arch)
+    source = load_source(job, check_base)
     config, out = source.config, job.workdir
     arch, permute = gguf_arch(config, source.base)
     kind = job.quantize or job.dtype

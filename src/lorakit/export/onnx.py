@@ -147,11 +147,18 @@ def save_merged(source: Source, name: str, folder: Path) -> None:
               metadata={"format": "pt"})
 
 
-def check_supported(config: Any, where: str) -> None:
+def check_supported(config: Any, where: str, modules: dict[str, list[str]]) -> None:
+    """One line, before anything is loaded, for a base or adapter this format cannot express."""
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_TYPES:
         raise LorakitError(f"{where}: architecture {kind} is not supported by lorakit export --format onnx "
                            "(supported: Llama, Mistral, Qwen2)")
+    for name, paths in modules.items():
+        for path in paths:
+            if path.endswith("embed_tokens"):
+                raise LorakitError(f"adapter {name} on {path}: --format onnx cannot switch an embedding LoRA; "
+                                   "export with --merge")
+            node_output(path)
 
 
 def _modules(source: Source, weights: dict[str, list[LoraWeight]]) -> dict[str, tuple[int, int]]:
@@ -171,7 +178,7 @@ def export(job: ExportJob) -> Exported:
     from lorakit.export.parity import OnnxTarget, onnx_check, parity_prompts
 
     source = load_source(job, check_supported)
-    check_supported(source.config, source.base)
+    check_supported(source.config, source.base, {})
     precision = PRECISIONS[job.quantize or job.dtype]
     out = job.workdir
     cache = out / ".builder-cache"

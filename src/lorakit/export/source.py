@@ -129,10 +129,21 @@ def gguf_base(job: ExportJob) -> Path | None:
     return path
 
 
-def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = None) -> Source:
+def adapted_modules(job: ExportJob) -> dict[str, list[str]]:
+    """{adapter name: the module paths its weights adapt}, read from the files (nothing loaded)."""
+    from lorakit.lora.io import PREFIX, read_adapter
+
+    out = {}
+    for a in job.adapters:
+        keys = read_adapter(a.path)[1]
+        out[a.name] = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k})
+    return out
+
+
+def load_source(job: ExportJob, check: Callable[[Any, str, dict[str, list[str]]], object] | None = None) -> Source:
     """The base (fp32, on the CPU) with every adapter of ``job`` loaded and switched off, and its tokenizer.
-    ``check(config, base)`` sees a model folder's config.json first, to refuse an architecture in one line
-    before anything is loaded."""
+    ``check(config, base, adapted_modules(job))`` sees a model folder's config.json first, to refuse what the
+    format cannot express in one line before anything is loaded."""
     from lorakit.config import ModelConfig
     from lorakit.lora import load_adapter
     from lorakit.model import load_model, load_tokenizer, resolve_model_path
@@ -142,7 +153,10 @@ def load_source(job: ExportJob, check: Callable[[Any, str], object] | None = Non
     if check is not None and Path(name, "config.json").is_file():
         from transformers import AutoConfig
 
-        check(AutoConfig.from_pretrained(name), name)
+        check(AutoConfig.from_pretrained(name), name, adapted_modules(job))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # export prints its own report of what it loaded and wrote
     cfg = ModelConfig(name_or_path=name, dtype="float32")
     tokenizer = load_tokenizer(resolve_model_path(name))
     model = load_model(cfg, device=torch.device("cpu"))
