@@ -91,6 +91,28 @@ def run_export(*args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def tiny_run(tmp_path: Path, model_type: str, vocab_size: int) -> tuple[int, str, str]:
+    """A tiny random model of ``model_type`` (2 layers, 4 query / 2 key-value heads) saved to tmp_path/model beside the
+    tokenizer already there, a random LoRA on every linear layer, and its `lorakit export --format gguf --dtype f32
+    --strict`: (exit code, stdout, stderr)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit import LoraConfig, add_lora, save_adapter
+    from tests.conftest import randomize_lora
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "model")
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_lora(model, std=0.2)
+    save_adapter(model, tmp_path / "lora", base_model_name_or_path=str(tmp_path / "model"))
+    return run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32", "--output",
+                      tmp_path / "out", "--strict")
+
+
 @pytest.fixture(scope="module")
 def f32(run, tmp_path_factory) -> tuple[Path, int, str, str]:
     """`lorakit export --format gguf --dtype f32 --strict` of the run: (output folder, exit code, stdout, stderr)."""
@@ -257,10 +279,7 @@ def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path):
     import io
 
     import sentencepiece as spm
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lorakit import LoraConfig, add_lora, save_adapter
-    from tests.conftest import randomize_lora
+    from transformers import AutoTokenizer
 
     sp = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter((DATA / "retain.txt").read_text().splitlines()),
@@ -272,15 +291,7 @@ def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path):
     (src / "tokenizer.model").write_bytes(sp.getvalue())
     (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False}))
     AutoTokenizer.from_pretrained(src).save_pretrained(model_dir)  # tokenizer.json only, as lorakit saves it
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    model.save_pretrained(model_dir)
-    add_lora(model, LoraConfig(r=4, alpha=8))
-    randomize_lora(model, std=0.2)
-    save_adapter(model, tmp_path / "lora", base_model_name_or_path=str(model_dir))
-    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32",
-                             "--output", tmp_path / "out", "--strict")
+    code, text, err = tiny_run(tmp_path, "llama", 600)
     assert code == 0 and "-> OK" in text, err + text
     # llama.cpp adds SentencePiece's leading "▁" even before a leading space, transformers' Metaspace does not
     assert "tokenizer: llama, pre-tokenizer 'default' (checked: llama.cpp tokenizes 4/4 prompts" in text
@@ -320,24 +331,8 @@ def test_qwen2_and_mistral_match_pytorch_in_llama_cpp(arch, tmp_path):
     architecture) with grouped KV heads and the bundled tokenizer: GGUF f32 base + LoRA give PyTorch's tokens."""
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lorakit import LoraConfig, add_lora, save_adapter
-    from tests.conftest import randomize_lora
-
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
+    (tmp_path / "model").mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BASE / f, model_dir / f)
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(arch, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(model_dir)
-    add_lora(model, LoraConfig(r=4, alpha=8))
-    randomize_lora(model, std=0.2)
-    save_adapter(model, tmp_path / "lora", base_model_name_or_path=str(model_dir))
-    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32",
-                                 "--output", tmp_path / "out", "--strict")
+        shutil.copy(BASE / f, tmp_path / "model" / f)
+    code, text, err = tiny_run(tmp_path, arch, 4096)
     assert code == 0 and "-> OK" in text and "base + lora" in text, err + text
