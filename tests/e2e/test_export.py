@@ -5,6 +5,7 @@ greedy tokens; the checks below call the runtimes directly, not lorakit's own pa
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,7 +274,7 @@ def test_ollama_template_is_the_chat_template_in_go(tmp_path):
     assert chat_pieces(tok) is None
 
 
-def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path):
+def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path, monkeypatch):
     """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, converted by transformers) and grouped
     key/value heads (k_proj's RoPE permutation over 2 heads, q_proj's over 4), on a tiny random Llama."""
     import io
@@ -296,6 +297,22 @@ def test_sentencepiece_vocabulary_and_grouped_kv_heads(tmp_path):
     # llama.cpp adds SentencePiece's leading "▁" even before a leading space, transformers' Metaspace does not
     assert "tokenizer: llama, pre-tokenizer 'default' (checked: llama.cpp tokenizes 4/4 prompts" in text
     assert "differs on e.g. ' Hello world'" in text
+
+    # prompts that this GGUF tokenizes differently fail the check, and --strict says so with exit status 1
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(" Hello world\nHello world\n")
+    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--dtype", "f32", "--output",
+                                 tmp_path / "out2", "--prompts", prompts, "--strict")
+    assert code == 1 and "TOKENIZER MISMATCH" in text and "parity check failed (--strict)" in err, err + text
+
+    # without llama.cpp the files are still written; the check is skipped, naming the install command
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--output", tmp_path / "out3")
+    assert code == 0 and (tmp_path / "out3" / "lora.lora.gguf").is_file(), err
+    assert 'parity: not checked: llama.cpp is not installed: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install' in text
+    code, text, err = run_export("--adapter", tmp_path / "lora", "--format", "gguf", "--output", tmp_path / "out4",
+                                 "--strict")
+    assert code == 1 and "could not run (--strict)" in err
 
 
 def test_adapter_on_a_gguf_base_is_written_for_that_file(run, f32, prompts, reference, tmp_path):

@@ -14,7 +14,7 @@ is checked separately (``lorakit.export.gguf.choose_pretokenizer``).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +46,9 @@ RUNTIMES = {  # name -> (import name, install command)
 def runtime_missing(runtime: str) -> str | None:
     """None when ``runtime`` can be imported, else a line naming it and its install command."""
     module, install = RUNTIMES[runtime]
-    if importlib.util.find_spec(module) is None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
         return f"{runtime} is not installed: {install}"
     return None
 
@@ -167,6 +169,13 @@ def references(source: Any, prompts: list[str], adapter: str | None, scale: floa
 # --- runtimes -------------------------------------------------------------------------------------------
 
 
+def quiet_llama() -> Any:
+    """Silence llama.cpp's own stderr logging (its warnings print whatever llama-cpp-python's verbose says)."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    return suppress_stdout_stderr(disable=False)
+
+
 class LlamaCpp:
     """A GGUF in llama.cpp (llama-cpp-python) with LoRA GGUFs loaded beside it, switched with ``use``."""
 
@@ -179,7 +188,8 @@ class LlamaCpp:
                          n_threads_batch=threads or cpu_threads(), logits_all=True, verbose=False)
         self.loras = {}
         for p in loras:
-            handle = C.llama_adapter_lora_init(self.llm._model.model, str(p).encode())
+            with quiet_llama():  # llama.cpp warns, per tensor, that a LoRA of a repacked (q4_0) weight stays on CPU
+                handle = C.llama_adapter_lora_init(self.llm._model.model, str(p).encode())
             if not handle:
                 raise LorakitError(f"{p}: llama.cpp could not load this LoRA GGUF for {base}")
             self.loras[p] = handle
@@ -223,10 +233,9 @@ def llama_cpp_tokenizer(path: Path) -> Callable[[str], list[int]]:
     """llama.cpp's tokenizer from a (vocabulary-only) GGUF: text -> ids, special tokens parsed, no bos.
     RuntimeError when llama.cpp refuses the file (e.g. a pre-tokenizer name it does not know)."""
     from llama_cpp import Llama
-    from llama_cpp._utils import suppress_stdout_stderr
 
     try:
-        with suppress_stdout_stderr(disable=False):  # llama.cpp warns that a vocabulary has no context length
+        with quiet_llama():  # llama.cpp warns that a vocabulary-only file has no context length
             llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except ValueError as e:
         raise RuntimeError(str(e)) from None
