@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id
 from lorakit.device import data_cache_dir, use_bf16
 from lorakit.lora import add_lora, save_adapter
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
+from lorakit.train import fastpath
+from lorakit.train.fused_loss import fused_head, linear_cross_entropy, linear_cross_entropy_eval
 
 
 class CausalLMTask:
@@ -46,6 +49,12 @@ class CausalLMTask:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.train()
+        # the step's fast path (train/fastpath.py) and the loss without whole logits (train/fused_loss.py)
+        layers = fastpath.enable(model, self.bf16)
+        self.head = fused_head(model, self.bf16)
+        self._head_cast: tuple | None = None
+        loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
+        print(f"step: {layers}; {loss}; {'bf16 autocast' if self.bf16 else 'fp32'}", file=sys.stderr)
 
     def batch_order(self, epoch: int, batch_size: int) -> list[list[int]]:
         return length_grouped_batches(self.train_set, batch_size, self.cfg.train.seed, epoch,
@@ -61,13 +70,26 @@ class CausalLMTask:
         return int(batch["attention_mask"].sum())
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, targets = shifted_logits(self.model, batch, self.bf16)
-        return F.cross_entropy(logits, targets, reduction="sum")
+        if self.head is None:
+            logits, targets = shifted_logits(self.model, batch, self.bf16)
+            return F.cross_entropy(logits, targets, reduction="sum")
+        hidden, targets = shifted_hidden(self.model, batch, self.bf16)
+        return linear_cross_entropy(hidden, self.head_weight(hidden.dtype), targets)
+
+    def head_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The head's weight (V, H) in the compute dtype: a frozen one is cast once, not every step."""
+        w = self.head.weight
+        if w.dtype == dtype or w.requires_grad:
+            return w.to(dtype)
+        key = (w._version, w.data_ptr(), dtype)
+        if self._head_cast is None or self._head_cast[0] != key:
+            self._head_cast = (key, w.detach().to(dtype))
+        return self._head_cast[1]
 
     def evaluate(self) -> dict[str, float] | None:
         if not self.val_set:
             return None
-        return evaluate(self.model, self.val_set, self.cfg.train.batch_size, self.pad_id, self.bf16)
+        return evaluate(self.model, self.val_set, self.cfg.train.batch_size, self.pad_id, self.bf16, self.head)
 
     def save_result(self, folder: Path) -> None:
         """A PEFT adapter for lora; for full, a model folder any HF loader reads."""
@@ -78,6 +100,22 @@ class CausalLMTask:
             self.model.save_pretrained(folder, safe_serialization=True)
             self.model.config.use_cache = False
             self.tokenizer.save_pretrained(folder)
+
+
+def shifted_hidden(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (N, H) in the compute dtype, targets (N,)) at the N positions that carry a label: the
+    decoder's last hidden states where ``shifted_logits`` has logits, for a loss that applies the head itself
+    (``fused_head``)."""
+    device = next(model.parameters()).device
+    targets = batch["labels"][:, 1:].to(device)  # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device),
+                                     use_cache=False).last_hidden_state  # (B, T, H)
+    dtype = torch.bfloat16 if bf16 else hidden.dtype
+    return hidden[:, :-1][keep].to(dtype), targets[keep]
 
 
 def shifted_logits(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,14 +148,23 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, bf16: bool) -> dict[str, float]:
-    """Loss per label token over all of ``examples``, its perplexity, and next-token accuracy."""
+def evaluate(model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, bf16: bool,
+             head: nn.Linear | None = None) -> dict[str, float]:
+    """Loss per label token over all of ``examples``, its perplexity, and next-token accuracy; with ``head``
+    (``fused_head``) the logits are made a chunk of rows at a time."""
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for i in range(0, len(examples), batch_size):
-        logits, targets = shifted_logits(model, collate(examples[i:i + batch_size], pad_id), bf16)
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += int((logits.argmax(-1) == targets).sum())
+        batch = collate(examples[i:i + batch_size], pad_id)
+        if head is not None:
+            hidden, targets = shifted_hidden(model, batch, bf16)
+            batch_loss, batch_correct = linear_cross_entropy_eval(hidden, head.weight, targets)
+            loss_sum += batch_loss
+            correct += batch_correct
+        else:
+            logits, targets = shifted_logits(model, batch, bf16)
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            correct += int((logits.argmax(-1) == targets).sum())
         n += targets.numel()
     model.train()
     loss = loss_sum / max(n, 1)
