@@ -344,12 +344,17 @@ def length_grouped_batches(examples: list[dict], batch_size: int, seed: int, epo
     return batches
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask, labels, each (B, T), T = longest example.
+def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1,
+            max_width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask, labels, each (B, T), T = longest example, rounded up to
+    a multiple of ``pad_to_multiple_of`` (never past ``max_width``): few distinct shapes for kernels that
+    compile and cache one per shape (oneDNN's bf16 matmuls on CPU).
 
     Padded positions have attention_mask 0 and label -100.
     """
-    width = max(len(ex["input_ids"]) for ex in examples)
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    width = max(longest, min(width, max_width)) if max_width else width
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)

@@ -16,7 +16,6 @@ Gemma's (1 + w) norm), the model is restored and runs as transformers wrote it.
 from __future__ import annotations
 
 import types
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -96,9 +95,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
-def enable(model: nn.Module, bf16: bool = False) -> str:
-    """Switch ``model`` to the fast path where it applies, for training under bf16 autocast or not; returns
-    what runs (one line for the log)."""
+def enable(model: nn.Module) -> str:
+    """Switch ``model`` to the fast path where it applies; returns what runs (one line for the log)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         return _enable_liger(model)
@@ -110,7 +108,7 @@ def enable(model: nn.Module, bf16: bool = False) -> str:
         return f"transformers' own layers ({model.config._attn_implementation} attention)"
     for layer in layers:
         layer.forward = types.MethodType(fused_layer_forward, layer)
-    if not _same_logits(model, bf16):
+    if not _same_logits(model):
         disable(model)
         return "transformers' own layers (the fused layer did not reproduce this architecture's logits)"
     return f"fused decoder layers ({len(layers)} × {kind.__name__})"
@@ -122,24 +120,22 @@ def disable(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _same_logits(model: nn.Module, bf16: bool) -> bool:
-    """The model's logits on a padded 2×12 batch, fused vs its own layers, agree to the compute precision."""
+def _same_logits(model: nn.Module) -> bool:
+    """The model's logits on a padded 2×12 batch, fused vs its own layers, agree to the weights' precision."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # a right-padded row
-    dtype = torch.bfloat16 if bf16 else next(model.parameters()).dtype
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    dtype = next(model.parameters()).dtype
     training = model.training
     model.eval()
-    with autocast:
-        fused = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        layers = decoder_layers(model)
-        saved = [layer.__dict__.pop("forward") for layer in layers]
-        plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        for layer, fwd in zip(layers, saved, strict=True):
-            layer.forward = fwd
+    fused = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    layers = decoder_layers(model)
+    saved = [layer.__dict__.pop("forward") for layer in layers]
+    plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    for layer, fwd in zip(layers, saved, strict=True):
+        layer.forward = fwd
     model.train(training)
     keep = mask.bool()
     tol = 1e-4 if dtype == torch.float32 else 5e-2

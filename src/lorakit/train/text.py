@@ -20,10 +20,10 @@ from torch import nn
 from lorakit.config import RunConfig
 from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id
-from lorakit.device import data_cache_dir, use_bf16
+from lorakit.device import data_cache_dir
 from lorakit.lora import add_lora, save_adapter
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
-from lorakit.train import fastpath
+from lorakit.train import fastpath, precision
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy, linear_cross_entropy_eval
 
 
@@ -40,7 +40,6 @@ class CausalLMTask:
         self.train_set, self.val_set = load_datasets(cfg.data, self.tokenizer, data_cache_dir(), seed=t.seed)
         self.pad_id = pad_token_id(self.tokenizer)
         self.model = model = load_model(cfg.model, full_training=t.method == "full")
-        self.bf16 = use_bf16(t.precision, next(model.parameters()).device)
         if t.method == "lora":
             add_lora(model, cfg.lora)
         model.config.use_cache = False  # the KV cache only helps generation
@@ -50,18 +49,53 @@ class CausalLMTask:
             model.enable_input_require_grads()
         model.train()
         # the step's fast path (train/fastpath.py) and the loss without whole logits (train/fused_loss.py)
-        layers = fastpath.enable(model, self.bf16)
-        self.head = fused_head(model, self.bf16)
+        layers = fastpath.enable(model)
+        self.head = fused_head(model)
         self._head_cast: tuple | None = None
+        self.max_width = getattr(model.config, "max_position_embeddings", None)
+        # --precision auto measures where it must (train/precision.py); config.yaml records the choice
+        device, weights = next(model.parameters()).device, next(model.parameters()).dtype
+        self.bf16, why = precision.resolve(t.precision, device, weights, self._probe_key(), self._probe)
+        self.pad_multiple = precision.pad_multiple(self.bf16, device)
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision="bf16" if self.bf16 else "fp32"))
         loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
-        print(f"step: {layers}; {loss}; {'bf16 autocast' if self.bf16 else 'fp32'}", file=sys.stderr)
+        print(f"step: {layers}; {loss}; precision {why}", file=sys.stderr)
+
+    def _probe_batches(self) -> list[list[int]]:
+        """Two micro-batches of epoch 0 for the precision probe: those at the median and the 90th percentile
+        of padded width, so the probe sees the run's typical shapes."""
+        order = self.batch_order(0)
+        width = sorted(range(len(order)), key=lambda b: max(len(self.train_set[i]["input_ids"]) for i in order[b]))
+        return [order[width[len(width) // 2]], order[width[min(len(width) - 1, len(width) * 9 // 10)]]]
+
+    def _probe_key(self) -> dict:
+        c, t = self.model.config, self.cfg.train
+        shape = {k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                  "intermediate_size", "num_attention_heads",
+                                                  "num_key_value_heads", "vocab_size")}
+        widths = [max(len(self.train_set[i]["input_ids"]) for i in b) // 16 for b in self._probe_batches()]
+        return {"model": shape, "method": t.method, "r": self.cfg.lora.r, "target": str(self.cfg.lora.target_modules),
+                "batch": t.batch_size, "width16": widths, "checkpointing": self.cfg.model.gradient_checkpointing}
+
+    def _probe(self, bf16: bool) -> float:
+        """Seconds for forward and backward of the probe micro-batches in bf16 or fp32; no trace left."""
+        self.bf16, self.pad_multiple = bf16, precision.pad_multiple(bf16, next(self.model.parameters()).device)
+        batches = [self.collate(ids) for ids in self._probe_batches()]
+
+        def run() -> None:
+            for b in batches:
+                (self.loss_sum(b) / max(1, self.count(b))).backward()
+
+        seconds = precision.timed(run)
+        self.model.zero_grad(set_to_none=True)
+        return seconds
 
     def batch_order(self, epoch: int, batch_size: int) -> list[list[int]]:
         return length_grouped_batches(self.train_set, batch_size, self.cfg.train.seed, epoch,
                                       group_by_length=self.cfg.data.group_by_length)
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate([self.train_set[i] for i in indices], self.pad_id)
+        return collate([self.train_set[i] for i in indices], self.pad_id, self.pad_multiple, self.max_width)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -89,7 +123,8 @@ class CausalLMTask:
     def evaluate(self) -> dict[str, float] | None:
         if not self.val_set:
             return None
-        return evaluate(self.model, self.val_set, self.cfg.train.batch_size, self.pad_id, self.bf16, self.head)
+        return evaluate(self.model, self.val_set, self.cfg.train.batch_size, self.pad_id, self.bf16, self.head,
+                        self.pad_multiple)
 
     def save_result(self, folder: Path) -> None:
         """A PEFT adapter for lora; for full, a model folder any HF loader reads."""
@@ -149,13 +184,14 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, bf16: bool,
-             head: nn.Linear | None = None) -> dict[str, float]:
+             head: nn.Linear | None = None, pad_multiple: int = 1) -> dict[str, float]:
     """Loss per label token over all of ``examples``, its perplexity, and next-token accuracy; with ``head``
     (``fused_head``) the logits are made a chunk of rows at a time."""
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
+        batch = collate(examples[i:i + batch_size], pad_id, pad_multiple,
+                        getattr(model.config, "max_position_embeddings", None))
         if head is not None:
             hidden, targets = shifted_hidden(model, batch, bf16)
             batch_loss, batch_correct = linear_cross_entropy_eval(hidden, head.weight, targets)
