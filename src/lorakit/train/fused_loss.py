@@ -12,6 +12,9 @@ which 250 ms are the two head GEMMs both do), and peak memory holds one chunk in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -135,29 +138,42 @@ def linear_cross_entropy_eval(hidden: Tensor, weight: Tensor, targets: Tensor) -
 def fused_head(model: nn.Module) -> nn.Linear | None:
     """The output head the chunked loss may use in place of ``model(...).logits``, or None.
 
-    It applies where the logits are exactly ``head(decoder(...).last_hidden_state)`` for a plain bias-free
-    ``nn.Linear`` head (not LoRA-wrapped, not quantized): checked on a short input, so architectures that
-    scale or soft-cap their logits (Gemma 2, Cohere) keep the reference loss."""
+    It applies where the logits are exactly ``head(h)`` for the hidden states h the model passes it, with a
+    plain bias-free ``nn.Linear`` head (not LoRA-wrapped, not quantized): checked on a short input, so
+    architectures that scale or soft-cap their logits after the head (Gemma 2, Cohere) keep the reference."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.bias is not None:
         return None
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, ValueError):
-        return None
-    if decoder is model:
-        return None
-    device = head.weight.device
-    ids = torch.randint(0, head.weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, head.weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(head.weight.device)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            ours = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
-    except (TypeError, ValueError, AttributeError):
+            with head_as_identity(head):
+                hidden = model(input_ids=ids, use_cache=False).logits
+            ours = head(hidden).float()
+    except (TypeError, ValueError, AttributeError, RuntimeError):
         return None
     finally:
         model.train(training)
+    if ours.shape != logits.shape:
+        return None
     tol = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
     return head if bool(((ours - logits).abs().max() / logits.abs().max().clamp(min=1.0)) <= tol) else None
+
+
+@contextmanager
+def head_as_identity(head: nn.Module) -> Iterator[None]:
+    """Inside the block ``head(x)`` returns x: the model's forward then yields the hidden states the head
+    would have turned into logits (this instance only)."""
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x

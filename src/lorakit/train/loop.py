@@ -146,7 +146,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
     if overwrite and output.exists() and dist.is_main:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    saved = dataclasses.replace(cfg, train=dataclasses.replace(t, resume=False, overwrite=False))
+    saved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False, overwrite=False))  # as resolved by the task
     if dist.is_main:
         write_atomic(output / "config.yaml", lambda p: save_config(saved, p))
     if checkpoint is not None:

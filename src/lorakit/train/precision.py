@@ -42,12 +42,13 @@ def pad_multiple(bf16: bool, device: torch.device) -> int:
 
 
 def resolve(precision: str, device: torch.device, weight_dtype: torch.dtype, key: dict,
-            probe: Callable[[bool], float]) -> tuple[bool, str]:
+            probe: Callable[[bool], float] | None) -> tuple[bool, str]:
     """(bf16 autocast or not, one line saying why) for ``--precision``. ``probe(bf16)`` returns the seconds
-    of one timed pass of the run's probe micro-batches; ``key`` names the model and batch shape."""
+    of one timed pass of the run's probe micro-batches (None: decide by the hardware flag, as under
+    torchrun, where ranks must not disagree); ``key`` names the model and batch shape."""
     if precision != "auto":
         return precision == "bf16", f"--precision {precision}"
-    if device.type != "cpu" or weight_dtype != torch.float32:
+    if device.type != "cpu" or weight_dtype != torch.float32 or probe is None:
         native = bf16_native(device)
         return native, f"auto: bf16 {'native' if native else 'not native'} on {device.type}"
     if not bf16_native(device):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,7 +25,12 @@ from lorakit.device import data_cache_dir
 from lorakit.lora import add_lora, save_adapter
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
 from lorakit.train import fastpath, precision
-from lorakit.train.fused_loss import fused_head, linear_cross_entropy, linear_cross_entropy_eval
+from lorakit.train.fused_loss import (
+    fused_head,
+    head_as_identity,
+    linear_cross_entropy,
+    linear_cross_entropy_eval,
+)
 
 
 class CausalLMTask:
@@ -50,12 +56,15 @@ class CausalLMTask:
         model.train()
         # the step's fast path (train/fastpath.py) and the loss without whole logits (train/fused_loss.py)
         layers = fastpath.enable(model)
-        self.head = fused_head(model)
+        # under torchrun every rank decides alone: no probe (ranks could disagree), and FSDP shards the head
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        self.head = None if ranks > 1 and t.strategy == "fsdp" else fused_head(model)
         self._head_cast: tuple | None = None
         self.max_width = getattr(model.config, "max_position_embeddings", None)
         # --precision auto measures where it must (train/precision.py); config.yaml records the choice
         device, weights = next(model.parameters()).device, next(model.parameters()).dtype
-        self.bf16, why = precision.resolve(t.precision, device, weights, self._probe_key(), self._probe)
+        self.bf16, why = precision.resolve(t.precision, device, weights, self._probe_key(),
+                                           self._probe if ranks == 1 else None)
         self.pad_multiple = precision.pad_multiple(self.bf16, device)
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision="bf16" if self.bf16 else "fp32"))
         loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
@@ -64,7 +73,7 @@ class CausalLMTask:
     def _probe_batches(self) -> list[list[int]]:
         """Two micro-batches of epoch 0 for the precision probe: those at the median and the 90th percentile
         of padded width, so the probe sees the run's typical shapes."""
-        order = self.batch_order(0)
+        order = self.batch_order(0, self.cfg.train.batch_size)
         width = sorted(range(len(order)), key=lambda b: max(len(self.train_set[i]["input_ids"]) for i in order[b]))
         return [order[width[len(width) // 2]], order[width[min(len(width) - 1, len(width) * 9 // 10)]]]
 
@@ -107,7 +116,7 @@ class CausalLMTask:
         if self.head is None:
             logits, targets = shifted_logits(self.model, batch, self.bf16)
             return F.cross_entropy(logits, targets, reduction="sum")
-        hidden, targets = shifted_hidden(self.model, batch, self.bf16)
+        hidden, targets = shifted_hidden(self.model, self.head, batch, self.bf16)
         return linear_cross_entropy(hidden, self.head_weight(hidden.dtype), targets)
 
     def head_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -137,20 +146,14 @@ class CausalLMTask:
             self.tokenizer.save_pretrained(folder)
 
 
-def shifted_hidden(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states (N, H) in the compute dtype, targets (N,)) at the N positions that carry a label: the
-    decoder's last hidden states where ``shifted_logits`` has logits, for a loss that applies the head itself
-    (``fused_head``)."""
-    device = next(model.parameters()).device
-    targets = batch["labels"][:, 1:].to(device)  # (B, T-1)
-    keep = targets != IGNORE_INDEX
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast:
-        hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
-                                     attention_mask=batch["attention_mask"].to(device),
-                                     use_cache=False).last_hidden_state  # (B, T, H)
-    dtype = torch.bfloat16 if bf16 else hidden.dtype
-    return hidden[:, :-1][keep].to(dtype), targets[keep]
+def shifted_hidden(model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor],
+                   bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (N, H) in the compute dtype, targets (N,)): what ``head`` would turn into
+    ``shifted_logits``, for a loss that applies the head itself (``fused_head``). The model's own forward
+    runs with the head as the identity, so wrappers' hooks on it (DDP) and ``logits_to_keep`` still apply."""
+    with head_as_identity(head):
+        hidden, targets = _labelled_outputs(model, batch, bf16)
+    return hidden.to(torch.bfloat16 if bf16 else hidden.dtype), targets
 
 
 def shifted_logits(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +164,12 @@ def shifted_logits(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool)
     ``logits_to_keep`` as indices; models without it compute all): with the loss on responses only, most
     positions are prompt, and the head (a V-wide GEMM, then an fp32 log-softmax) is a large part of the
     step on small models (about a fifth of it on the quickstart's 4096-token vocabulary)."""
+    logits, targets = _labelled_outputs(model, batch, bf16)
+    return logits.float(), targets
+
+
+def _labelled_outputs(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's ``.logits`` output (N, ·), targets (N,)) at the N labelled positions."""
     device = next(model.parameters()).device
     targets = batch["labels"][:, 1:].to(device)  # (B, T-1)
     keep = targets != IGNORE_INDEX
@@ -171,11 +180,11 @@ def shifted_logits(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool)
         targets, keep = targets[:, positions], keep[:, positions]  # (B, P)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       **kwargs).logits  # (B, P, V), or (B, T, V) without logits_to_keep
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    **kwargs).logits  # (B, P, ·), or (B, T, ·) without logits_to_keep
     if not kwargs:
-        logits = logits[:, :-1]
-    return logits[keep].float(), targets[keep]
+        out = out[:, :-1]
+    return out[keep], targets[keep]
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
@@ -193,7 +202,7 @@ def evaluate(model: nn.Module, examples: list[dict], batch_size: int, pad_id: in
         batch = collate(examples[i:i + batch_size], pad_id, pad_multiple,
                         getattr(model.config, "max_position_embeddings", None))
         if head is not None:
-            hidden, targets = shifted_hidden(model, batch, bf16)
+            hidden, targets = shifted_hidden(model, head, batch, bf16)
             batch_loss, batch_correct = linear_cross_entropy_eval(hidden, head.weight, targets)
             loss_sum += batch_loss
             correct += batch_correct
