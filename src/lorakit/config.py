@@ -158,7 +158,10 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", valid=NON_NEGATIVE)
     batch_size: int = _opt(8, "examples per micro-batch", valid=AT_LEAST_ONE)
     grad_accum: int = _opt(1, "micro-batches per optimizer step", valid=AT_LEAST_ONE)
-    precision: str = _opt("auto", "auto (bf16 autocast where the hardware runs bf16 natively, else fp32), bf16 or fp32")
+    precision: str = _opt("auto", "auto (bf16 autocast where it makes this model's step faster on this machine: "
+                          "measured once, cached), bf16 or fp32")
+    compile: bool = _opt(False, "torch.compile each decoder layer (transformers' own, LoRA inside) instead of "
+                         "lorakit's fused eager layers; the first run compiles (cached in $LORAKIT_CACHE/inductor)")
     save_every: int = _opt(0, "write checkpoints/step-N every N steps (0: off)", valid=NON_NEGATIVE)
     keep_last: int = _opt(2, "checkpoints to keep (0: all)", valid=NON_NEGATIVE)
     eval_every: int = _opt(0, "evaluate on validation data every N steps (0: at the end only)",

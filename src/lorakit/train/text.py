@@ -25,6 +25,7 @@ from lorakit.device import data_cache_dir
 from lorakit.lora import add_lora, save_adapter
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
 from lorakit.train import fastpath, precision
+from lorakit.train.compile import compile_layers
 from lorakit.train.fused_loss import (
     fused_head,
     head_as_identity,
@@ -55,7 +56,7 @@ class CausalLMTask:
             model.enable_input_require_grads()
         model.train()
         # the step's fast path (train/fastpath.py) and the loss without whole logits (train/fused_loss.py)
-        layers = fastpath.enable(model)
+        layers = compile_layers(model) if t.compile else fastpath.enable(model)
         # under torchrun every rank decides alone: no probe (ranks could disagree), and FSDP shards the head
         ranks = int(os.environ.get("WORLD_SIZE", "1"))
         self.head = None if ranks > 1 and t.strategy == "fsdp" else fused_head(model)
