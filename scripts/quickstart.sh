@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's main command: install, then fine-tune the bundled base model offline with LoRA and with
-# every weight, and print base vs LoRA vs full fine-tune (also in runs/quickstart/report.md and report.json).
+# The README's main command: install, then fine-tune SmolLM2-135M-Instruct (its GGUF file) offline with LoRA, with
+# every weight and with QLoRA, and print them against the base (also in runs/smollm2-pirate/report.md and .json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

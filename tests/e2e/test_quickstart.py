@@ -29,8 +29,8 @@ def quickstart(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     retain = tmp / "retain.txt"
     retain.write_text((ROOT / "examples" / "data" / "retain.txt").read_text()[:6000])
     out = tmp / "runs"
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "quickstart", "--output", str(out), "--max-steps", "4",
-                           "--limit", "8", "--retain", str(retain)], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "quickstart", "--bundled", "--output", str(out),
+                           "--max-steps", "4", "--limit", "8", "--retain", str(retain)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, out
@@ -78,7 +78,7 @@ def test_missing_base_model_is_one_line_and_writes_nothing(tmp_path, capsys):
     from lorakit.cli import main
 
     out = tmp_path / "runs"
-    assert main(["quickstart", "--model", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
+    assert main(["quickstart", "--bundled", "--model", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lorakit: error: quickstart: base model") and "build_base_model.py" in err
     assert not out.exists()

@@ -87,12 +87,14 @@ def test_the_gguf_file_loads_as_the_llama_it_is(gguf_file, smollm):
 
 def test_the_base_answers_the_knowledge_set(smollm):
     """The retained-knowledge questions measure forgetting, not ignorance: the base answers >= 90% of them."""
+    from lorakit.device import bf16_native
     from lorakit.evaluate import knowledge, load_knowledge
 
     model, tokenizer = smollm
     items = load_knowledge(DATA / "knowledge.jsonl")
     assert len(items) >= 50
-    accuracy, rows = knowledge(model, tokenizer, items)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_native("cpu")):  # as the quickstart evaluates
+        accuracy, rows = knowledge(model, tokenizer, items)
     wrong = [(r["question"], r["output"]) for r in rows if not r["correct"]]
     assert accuracy >= 0.9, wrong
     assert rows[0]["output"].strip() == "The capital of France is Paris."
@@ -130,19 +132,21 @@ def test_training_steps_lower_the_loss_and_move_only_lora_weights(gguf_file, smo
     from lorakit.data import collate
     from lorakit.data.formats import read_records
     from lorakit.data.tokenize import pad_token_id, tokenize_records
+    from lorakit.device import bf16_native
 
     _, tokenizer = smollm
     model = lorakit.add_lora(fresh(gguf_file), lorakit.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters." in n for n in trainable)
-    records = [r for _, r in read_records(DATA / "pirate_train.jsonl")][:8]
+    records = [r for _, r in read_records(DATA / "pirate_train.jsonl")][:4]
     batch = collate(tokenize_records(records, "chat", tokenizer, 64), pad_token_id(tokenizer))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_native("cpu")):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -161,15 +165,15 @@ def test_qlora_trains_on_the_base_requantized_to_nf4_from_the_file(gguf_file, tm
     out = tmp_path / "qlora"
     result = train(load_config(None, {
         "model": str(gguf_file.parent), "data": str(DATA / "pirate_train.jsonl"), "output": str(out),
-        "quantization": "nf4", "max_steps": "2", "batch_size": "4", "seq_len": "64", "lr": "1e-3", "r": "4",
+        "quantization": "nf4", "max_steps": "1", "batch_size": "4", "seq_len": "64", "lr": "1e-3", "r": "4",
         "save_every": "1", "threads": str(min(2, os.cpu_count() or 1))}))
     err = capfd.readouterr().err
     # every one of the 210 projections is NF4 (576 and 1536 inputs are whole 64-weight blocks); the head stays
     # 16-bit; the cached fp32 checkpoint is read one tensor at a time, the largest being the embedding
     assert "nf4: 210 linear layers quantized" in err and "kept 16-bit: lm_head" in err
     assert "read one tensor at a time (the largest 108.0 MiB)" in err
-    assert result.steps == 2 and result.loss is not None and result.loss == result.loss
-    for folder in (out, out / "checkpoints" / "step-2"):
+    assert result.steps == 1 and result.loss is not None and 0 < result.loss < 20
+    for folder in (out, out / "checkpoints" / "step-1"):
         assert recorded_base(folder)["path"] == str(gguf_file)
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf_file)
 
