@@ -16,6 +16,7 @@ from lorakit.config import ModelConfig
 from lorakit.data.tokenize import load_tokenizer
 from lorakit.errors import LorakitError
 from lorakit.gguf import converted_folder, find_gguf, recorded_base
+from lorakit.hub import missing_model_message
 
 __all__ = ["default_device", "load_model", "load_tokenizer", "recorded_base", "resolve_dtype", "resolve_model_path"]
 
@@ -38,7 +39,8 @@ def resolve_dtype(cfg: ModelConfig, full_training: bool = False) -> torch.dtype:
 def resolve_model_path(name_or_path: str) -> str:
     """An existing local folder -> its absolute path (so config.yaml works from any directory); a GGUF file,
     or a folder without config.json holding exactly one, -> that file's absolute path (what an adapter
-    records as its base); a string that only looks like a path -> a LorakitError; anything else is taken
+    records as its base); a string that can only be meant as a local path (or any missing one while the
+    hub is offline) -> a LorakitError naming its close matches (``lorakit.hub``); anything else is taken
     as a hub id."""
     gguf = find_gguf(name_or_path)
     if gguf is not None:
@@ -50,10 +52,9 @@ def resolve_model_path(name_or_path: str) -> str:
             raise LorakitError(f"--model {name_or_path}: this {what}; point --model at a Hugging Face model "
                                "folder, a .gguf file, or a hub id")
         return str(p.resolve())
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path
-    if looks_like_path:
-        raise LorakitError(f"--model {name_or_path}: no such folder or file; give a model folder, a .gguf file "
-                           "or a hub id")
+    missing = missing_model_message(name_or_path)  # a mistyped local path is not sent to the hub
+    if missing:
+        raise LorakitError(missing)
     return name_or_path
 
 

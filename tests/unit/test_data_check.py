@@ -115,7 +115,7 @@ def test_a_missing_model_is_one_line_naming_model(clean, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
-        f"lorakit: error: --model '{missing}': no such folder (give a model folder or a hub id)"]
+        f"lorakit: error: --model {missing}: no such folder or file; give a model folder, a .gguf file or a hub id"]
 
 
 def test_the_small_data_warning_stops_at_a_thousand(tmp_path, bert):

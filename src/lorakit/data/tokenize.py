@@ -33,6 +33,7 @@ from lorakit.data.formats import (
 )
 from lorakit.errors import LorakitError
 from lorakit.gguf import converted_folder, find_gguf
+from lorakit.hub import missing_model_message
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "1"  # bump when tokenization changes, so old caches are not reused
@@ -49,8 +50,9 @@ def load_tokenizer(name_or_path: str, flag: str = "--model") -> Any:
     if gguf is not None:
         name_or_path = str(converted_folder(gguf, weights=False, flag=flag))
     local = Path(name_or_path).expanduser()
-    if not name_or_path or (not local.exists() and name_or_path.startswith((".", "/", "~"))):
-        raise LorakitError(f"{flag} {name_or_path!r}: no such folder (give a model folder or a hub id)")
+    missing = missing_model_message(name_or_path, flag)  # a mistyped local path is not sent to the hub
+    if missing:
+        raise LorakitError(missing)
     try:
         return AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path)
     except Exception as e:  # transformers raises OSError, ValueError, hub errors...: all mean "not usable"
