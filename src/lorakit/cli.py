@@ -40,7 +40,7 @@ def _data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", required=True, help="model folder or hub id whose tokenizer measures the tokens "
                    "(image data: the diffusers pipeline folder)")
     c.add_argument("--seq-len", dest="seq_len", default=None, help="count examples longer than this (default 512)")
-    c.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    c.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"))
     c.add_argument("--val-data", dest="val_data", default=None, help="validation file: checked, and its overlap with FILE")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--resolution", type=int, help="image data: flag images smaller than this (default: the pipeline's)")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data.formats import detect_file_format, read_records, to_segments
+from lorakit.data.formats import CHAT_FORMATS, chat_messages, detect_file_format, read_records, to_segments
 from lorakit.data.tokenize import pad_token_id, valid_records
 from lorakit.errors import LorakitError
 from lorakit.generate import chat_prompt, chat_stop, encode_prompt
@@ -62,8 +62,8 @@ def _reference(record: dict, fmt: str) -> str:
         return record["output"]
     if fmt == "prompt_completion":
         return record["completion"]
-    if fmt == "chat":
-        return [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
+    if fmt in CHAT_FORMATS:
+        return [m["content"] for m in chat_messages(record, fmt) if m["role"] == "assistant"][-1]
     raise LorakitError(f"format {fmt!r} has no answer to compare with; use alpaca, chat or prompt_completion")
 
 
@@ -155,7 +155,7 @@ def predict(model: nn.Module, tokenizer: Any, records: list[dict], max_new_token
     pairs = prompts_and_references(records, fmt, tokenizer)
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(tokenizer, [r for _, r in pairs])
-    stop = chat_stop(tokenizer) if fmt == "chat" else None
+    stop = chat_stop(tokenizer) if fmt in CHAT_FORMATS else None
     outputs = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, stop)
     return [Prediction(p, r, o) for (p, r), o in zip(pairs, outputs, strict=True)]
 

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from lorakit.data.formats import (
+    CHAT_FORMATS,
     FORMATS,
+    chat_messages,
     detect_file_format,
     detect_format,
     example_text,
@@ -169,29 +171,28 @@ def _scan(path: str, fmt: str, tokenizer: Any) -> tuple[list[tuple[int, dict]], 
     if not items:
         return [], [f"{path}: no records (expected a JSON array or JSONL of objects)"], fmt
     objects = [(line, value) for line, value, problem in items if problem is None]
+    errors: list[tuple[int, str]] = [(line, problem) for line, _, problem in items if problem]
     if fmt == "auto":
         try:
             fmt = detect_file_format(objects)
-        except LorakitError:
-            fmt = "unknown"
-    errors: list[tuple[int, str]] = [(line, problem) for line, _, problem in items if problem]
+        except LorakitError as e:
+            # no record in a known format: one line for the file, not the same line for every record
+            summary = [f"{path}: {e}"] if objects else []
+            return [], summary + [f"{path}:{line}: {p}" for line, p in errors], "unknown"
     valid = []
     for line, record in objects:
         try:
-            own, why = detect_format(record), ""
-        except LorakitError as e:
-            own, why = None, str(e)
-        if fmt == "unknown":
-            problems = [why]
-        else:
-            problems = validate_record(record, fmt)
-            if problems and own not in (None, fmt):
-                problems = [f"record looks like {own} but the file is {fmt}"]
-            if not problems:
-                try:  # a chat template may refuse a conversation (e.g. "roles must alternate")
-                    to_segments(record, fmt, tokenizer)
-                except LorakitError as e:
-                    problems = [str(e)]
+            own = detect_format(record)
+        except LorakitError:
+            own = None
+        problems = validate_record(record, fmt)
+        if problems and own not in (None, fmt):
+            problems = [f"record looks like {own} but the file is {fmt}"]
+        if not problems:
+            try:  # a chat template may refuse a conversation (e.g. "roles must alternate")
+                to_segments(record, fmt, tokenizer)
+            except LorakitError as e:
+                problems = [str(e)]
         if problems:
             errors += [(line, p) for p in problems]
         else:
@@ -227,8 +228,8 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
             report.duplicate_examples.append(f"{path}:{line}: {found}")
         prompts.setdefault(prompt, line)
         index.add(whole, line)
-        if fmt == "chat":
-            roles.update(m["role"] for m in record["messages"])
+        if fmt in CHAT_FORMATS:
+            roles.update(m["role"] for m in chat_messages(record, fmt))
     examples = tokenize_records([r for _, r in valid], fmt, tokenizer, seq_len=1 << 62)  # untruncated
     lengths = [len(ex["input_ids"]) for ex in examples]
     responses = [sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples]

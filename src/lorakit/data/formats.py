@@ -14,8 +14,16 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 
-FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text")
+CHAT_FORMATS = ("chat", "sharegpt")  # conversations: rendered with the chat template, trained on the answers
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT (``{"conversations": [{"from": "human", "value": ...}]}``) speakers -> chat roles, as LLaMA-Factory
+# maps them (observation: a tool's result; function_call: the model calling one), plus the chat names
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "observation": "tool",
+                  "function_call": "assistant", "user": "user", "assistant": "assistant", "tool": "tool"}
+# per conversation format: (list key, speaker key, text key, speaker -> role)
+_TURNS = {"chat": ("messages", "role", "content", {r: r for r in ROLES}),
+          "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES)}
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -28,7 +36,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_FORMAT_HINT = "instruction/output (alpaca), messages (chat), prompt/completion (prompt_completion) or text"
+_FORMAT_HINT = ("instruction/output (alpaca), messages (chat), conversations (sharegpt), prompt/completion "
+                "(prompt_completion) or text")
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -140,6 +149,8 @@ def detect_format(record: dict) -> str:
     """The format a record's keys point to; LorakitError when none does."""
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
     if "instruction" in record or "output" in record:
         return "alpaca"
     if "prompt" in record or "completion" in record:
@@ -158,7 +169,10 @@ def detect_file_format(records: list[tuple[int, dict]]) -> str:
         except LorakitError:
             pass
     if not counts:
-        raise LorakitError(f"no record has the keys of a known format: expected {_FORMAT_HINT}")
+        keys = Counter(tuple(sorted(map(str, record))) for _, record in records).most_common(1)
+        seen = f" (the records have keys {list(keys[0][0])})" if keys else ""
+        raise LorakitError(f"none of the {len(records)} records has the keys of a known format{seen}: expected "
+                           f"{_FORMAT_HINT}")
     return counts.most_common(1)[0][0]
 
 
@@ -185,41 +199,57 @@ def validate_record(record: dict, fmt: str) -> list[str]:
         return _text_field(record, "prompt", empty_ok=True) + _text_field(record, "completion", response=True)
     if fmt == "text":
         return _text_field(record, "text")
-    return _validate_chat(record)
+    return _validate_turns(record, fmt)
 
 
-def _validate_chat(record: dict) -> list[str]:
-    messages = record.get("messages")
-    if messages is None:
-        return ["missing field 'messages'"]
-    if not isinstance(messages, list):
-        return [f"field 'messages' must be a list, got {type(messages).__name__}"]
-    if not messages:
-        return ["field 'messages' is empty"]
+def _validate_turns(record: dict, fmt: str) -> list[str]:
+    """A conversation (chat or sharegpt), in the format's own field names."""
+    key, speaker, text, roles = _TURNS[fmt]
+    turns = record.get(key)
+    if turns is None:
+        return [f"missing field {key!r}"]
+    if not isinstance(turns, list):
+        return [f"field {key!r} must be a list, got {type(turns).__name__}"]
+    if not turns:
+        return [f"field {key!r} is empty"]
     problems = []
+    if fmt == "sharegpt" and not isinstance(record.get("system", ""), str):
+        problems.append(f"field 'system' must be a string, got {type(record['system']).__name__}")
     answered = False
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
+    for i, m in enumerate(turns):
+        where = f"{key}[{i}]"
         if not isinstance(m, dict):
             problems.append(f"{where} must be an object, got {type(m).__name__}")
             continue
-        role, content = m.get("role"), m.get("content")
+        role, content = m.get(speaker), m.get(text)
         if role is None:
-            problems.append(f"{where}: missing field 'role'")
-        elif role not in ROLES:
-            problems.append(f"{where}: unknown role {role!r} (expected {', '.join(ROLES)})")
+            problems.append(f"{where}: missing field {speaker!r}")
+        elif role not in roles:
+            what = "role" if fmt == "chat" else f"{speaker!r} value"
+            problems.append(f"{where}: unknown {what} {role!r} (expected {', '.join(roles)})")
         if content is None:
-            problems.append(f"{where}: missing field 'content'")
+            problems.append(f"{where}: missing field {text!r}")
         elif not isinstance(content, str):
-            problems.append(f"{where}: field 'content' must be a string, got {type(content).__name__}")
-        elif role == "assistant":
+            problems.append(f"{where}: field {text!r} must be a string, got {type(content).__name__}")
+        elif roles.get(role) == "assistant":
             if content.strip():
                 answered = True
             else:
-                problems.append(f"{where}: assistant message is empty (empty response)")
+                problems.append(f"{where}: {role} message is empty (empty response)")
     if not problems and not answered:
-        problems.append("no assistant message: nothing to train on")
+        problems.append("no assistant message: nothing to train on" if fmt == "chat" else
+                        "no gpt (assistant) turn: nothing to train on")
     return problems
+
+
+def chat_messages(record: dict, fmt: str) -> list[dict[str, str]]:
+    """A valid chat or sharegpt record's turns as chat messages (``{"role", "content"}``); a sharegpt
+    record's top-level ``system`` string comes first, as LLaMA-Factory reads it."""
+    key, speaker, text, roles = _TURNS[fmt]
+    out = [{"role": roles[m[speaker]], "content": m[text]} for m in record[key]]
+    if fmt == "sharegpt" and record.get("system") and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": record["system"]})
+    return out
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -242,11 +272,11 @@ def to_segments(record: dict, fmt: str, tokenizer: Any) -> list[tuple[str, bool]
         return [(record["prompt"], False), (record["completion"] + eos, True)]
     if fmt == "text":
         return [(record["text"] + eos, True)]
-    if fmt == "chat":
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if fmt in CHAT_FORMATS:
+        turns = chat_messages(record, fmt)
         if getattr(tokenizer, "chat_template", None):
-            return _template_segments(messages, tokenizer)
-        return _chatml_segments(messages, eos)
+            return _template_segments(turns, tokenizer)
+        return _chatml_segments(turns, eos)
     raise LorakitError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
@@ -342,7 +372,7 @@ def prompt_text(record: dict, fmt: str) -> str:
         return record.get("prompt", "")
     if fmt == "text":
         return record.get("text", "")
-    return "\n".join(m["content"] for m in record["messages"] if m["role"] != "assistant")
+    return "\n".join(m["content"] for m in chat_messages(record, fmt) if m["role"] != "assistant")
 
 
 def example_text(record: dict, fmt: str) -> str:
@@ -353,4 +383,4 @@ def example_text(record: dict, fmt: str) -> str:
         return f"{record.get('prompt', '')}\n{record.get('completion', '')}"
     if fmt == "text":
         return record.get("text", "")
-    return "\n".join(m["content"] for m in record["messages"])
+    return "\n".join(m["content"] for m in chat_messages(record, fmt))
