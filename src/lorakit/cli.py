@@ -89,6 +89,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
                    help="store the base as nf4/int8 (QLoRA) or 16-bit (default: as the adapter was trained)")
     p.add_argument("--format", default="raw", choices=("raw", "alpaca", "chat"),
                    help="wrap --prompt as training rendered it: raw text, the alpaca template, or one chat turn")
+    p.add_argument("--input", help="with --format alpaca: the record's input (--prompt is its instruction)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to complete")
     what.add_argument("--chat", action="store_true", help="chat: one user turn per stdin line, history kept")
@@ -97,7 +98,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
         from lorakit.generate import generate_command
 
         return generate_command(a.model, a.adapter, a.scale, a.max_new_tokens, a.temperature,
-                                None if a.chat else a.prompt, a.format, a.seed, a.quantization)
+                                None if a.chat else a.prompt, a.format, a.seed, a.quantization, a.input)
 
     p.set_defaults(func=run)
 

@@ -334,9 +334,9 @@ def eval_command(model: str | None, adapter: str | None, data: str | None, retai
     for name, values in results.items():
         for ex in values.get("examples", []):
             print(f"\n[{name}] {ex['prompt']!r}\n  reference: {ex['reference']!r}\n  output:    {ex['output']!r}")
-    if records:
-        print(f"exact match over {len(records)} examples of {data}; perplexity in windows of {seq_len} tokens",
-              file=sys.stderr)
+    measured = ([f"exact match over {len(records)} examples of {data}"] if records else []) + (
+        [f"perplexity of {retain} in windows of {seq_len} tokens"] if text is not None else [])
+    print("; ".join(measured), file=sys.stderr)
     return 0
 
 

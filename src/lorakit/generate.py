@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TextStreamer
 
 from lorakit.config import ModelConfig, load_config
-from lorakit.data.formats import ALPACA_PROMPT_NO_INPUT, CHATML_TEMPLATE
+from lorakit.data.formats import CHATML_TEMPLATE, to_segments
 from lorakit.data.tokenize import pad_token_id, prefix_ids
 from lorakit.errors import LorakitError
 from lorakit.lora import load_adapter, read_adapter, set_adapter_scale
@@ -62,10 +62,12 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
-def format_prompt(tokenizer: Any, prompt: str, fmt: str) -> str:
-    """``prompt`` as training rendered it: as is (raw), in the alpaca template, or as one chat turn."""
+def format_prompt(tokenizer: Any, prompt: str, fmt: str, input_text: str | None = None) -> str:
+    """``prompt`` as training rendered it: as is (raw), in the alpaca template (``input_text`` as the
+    record's ``input``), or as one chat turn."""
     if fmt == "alpaca":
-        return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt)
+        record = {"instruction": prompt, "input": input_text or "", "output": ""}
+        return to_segments(record, "alpaca", tokenizer)[0][0]  # the prompt segment, exactly as trained
     if fmt == "chat":
         return chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
     return prompt
@@ -127,8 +129,9 @@ def chat_stop(tokenizer: Any) -> list[str] | None:
 
 def chat(model: nn.Module, tokenizer: Any, lines: TextIO, max_new_tokens: int,
          temperature: float) -> list[dict[str, str]]:
-    """A REPL: each input line is a user turn, answered with the whole conversation so far as the prompt.
-    Returns the conversation."""
+    """A REPL: each input line is a user turn, answered with the whole conversation so far as the prompt;
+    a blank line ends each reply, and lines read from a pipe are echoed as ``> line`` so the transcript
+    shows both sides. Returns the conversation."""
     messages: list[dict[str, str]] = []
     interactive = lines.isatty()
     while True:
@@ -140,14 +143,18 @@ def chat(model: nn.Module, tokenizer: Any, lines: TextIO, max_new_tokens: int,
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
+        if not interactive:  # a terminal echoes what was typed; a pipe does not
+            print(f"> {messages[-1]['content']}", flush=True)
         reply = complete(model, tokenizer, chat_prompt(tokenizer, messages), max_new_tokens, temperature,
                          chat_stop(tokenizer))
+        print(flush=True)  # the turn separator
         messages.append({"role": "assistant", "content": reply.strip()})
     return messages
 
 
 def generate_command(model: str | None, adapter: str | None, scale: float, max_new_tokens: int,
-                     temperature: float, prompt: str | None, fmt: str, seed: int, quantization: str | None = None) -> int:
+                     temperature: float, prompt: str | None, fmt: str, seed: int, quantization: str | None = None,
+                     input_text: str | None = None) -> int:
     """What ``lorakit generate`` runs: one completion of ``prompt``, or the chat REPL when it is None."""
     if max_new_tokens < 1:
         raise LorakitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -155,11 +162,13 @@ def generate_command(model: str | None, adapter: str | None, scale: float, max_n
         raise LorakitError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
     if fmt not in PROMPT_FORMATS:
         raise LorakitError(f"--format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}")
+    if input_text is not None and (fmt != "alpaca" or prompt is None):
+        raise LorakitError("--input is the alpaca record's input: it goes with --format alpaca and --prompt")
     torch.manual_seed(seed)
     m, tokenizer = load_for_generation(model, adapter, scale, quantization)
     if prompt is None:
         chat(m, tokenizer, sys.stdin, max_new_tokens, temperature)
     else:
         stop = chat_stop(tokenizer) if fmt == "chat" else None
-        complete(m, tokenizer, format_prompt(tokenizer, prompt, fmt), max_new_tokens, temperature, stop)
+        complete(m, tokenizer, format_prompt(tokenizer, prompt, fmt, input_text), max_new_tokens, temperature, stop)
     return 0

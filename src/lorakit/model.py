@@ -7,7 +7,10 @@ takes a model goes through ``resolve_model_path``, ``load_tokenizer`` and ``load
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -18,7 +21,8 @@ from lorakit.errors import LorakitError
 from lorakit.gguf import converted_folder, find_gguf, recorded_base
 from lorakit.hub import missing_model_message
 
-__all__ = ["default_device", "load_model", "load_tokenizer", "recorded_base", "resolve_dtype", "resolve_model_path"]
+__all__ = ["default_device", "load_model", "load_tokenizer", "quiet_weight_bars", "recorded_base", "resolve_dtype",
+           "resolve_model_path"]
 
 
 def default_device() -> torch.device:
@@ -58,6 +62,34 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+# transformers' bars for reading and writing weights from local disk: drawn on every command, and in a log or
+# the quickstart's prefixed lines they are noise. Hub downloads keep their bars (huggingface_hub's own).
+QUIET_BARS = ("Loading weights", "Writing model shards")
+
+
+@contextmanager
+def quiet_weight_bars() -> Iterator[None]:
+    """Within the block, transformers draws no ``QUIET_BARS`` progress bar (others are untouched)."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5; older ones draw neither bar
+    if set_hook is None:
+        yield
+        return
+    previous = getattr(hf_logging, "_tqdm_hook", None)
+
+    def hook(factory: Any, args: tuple, kwargs: dict) -> Any:
+        if str(kwargs.get("desc", "")).startswith(QUIET_BARS):
+            kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+    set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
 def load_model(cfg: ModelConfig, full_training: bool = False, device: torch.device | None = None) -> PreTrainedModel:
     """The model for ``cfg`` on ``device`` (quantized when asked); errors name --model and say what to do.
     Its tokenizer comes from ``load_tokenizer(resolve_model_path(...))``: load it first, it is cheap,
@@ -79,7 +111,8 @@ def load_model(cfg: ModelConfig, full_training: bool = False, device: torch.devi
         print(report.summary(), file=sys.stderr)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            with quiet_weight_bars():
+                model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         except Exception as e:
             raise LorakitError(f"--model {cfg.name_or_path}: could not load the model ({_first_line(e)})") from None
         model = model.to(device)

@@ -82,8 +82,9 @@ def run_children(commands: dict[str, list[str]]) -> dict[str, ChildUsage]:
 
 def _copy_lines(stream: Any, prefix: str) -> None:
     for line in stream:
-        sys.stderr.write(prefix + line)
-        sys.stderr.flush()
+        if line.strip():  # a redrawn bar's carriage return reads as an empty line: not worth a tagged one
+            sys.stderr.write(prefix + line)
+            sys.stderr.flush()
     stream.close()
 
 

@@ -93,11 +93,14 @@ def test_chat_keeps_the_history(trained, monkeypatch):
     assert second.endswith("<|im_start|>user\nhow are you?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_chat_cli_answers_each_stdin_line(trained, capsys, monkeypatch):
+def test_chat_cli_answers_each_stdin_line_with_turn_separators(trained, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nwho are you?\n"))
     code, out, err = in_process(capsys, "--adapter", trained["adapter"], "--chat", "--max-new-tokens", "4")
     assert code == 0, err
-    assert len(out.splitlines()) == 2 and "<|im_end|>" not in out
+    # read from a pipe: each turn is echoed, each reply ends with a blank line
+    lines = out.splitlines()
+    assert [lines[0], lines[2], lines[3], lines[5]] == ["> hello", "", "> who are you?", ""] and len(lines) == 6
+    assert lines[1].strip() and lines[4].strip() and "<|im_end|>" not in out
 
 
 def test_full_model_as_adapter_is_refused(trained, capsys):

@@ -72,6 +72,11 @@ def _object_problem(value: Any) -> str | None:
     return None if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
 
 
+def _json_problem(e: json.JSONDecodeError) -> str:
+    # some of json's messages end in "at" already ("Unterminated string starting at")
+    return f"invalid JSON ({e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno})"
+
+
 def _iter_jsonl(raw: bytes) -> Iterator[tuple[int, Any, str | None]]:
     # split bytes on \n only: str.splitlines would also split at U+2028 inside a JSON string
     for number, line in enumerate(raw.split(b"\n"), 1):
@@ -83,7 +88,7 @@ def _iter_jsonl(raw: bytes) -> Iterator[tuple[int, Any, str | None]]:
             yield number, None, f"not UTF-8 text (column {e.start + 1})"
             continue
         except json.JSONDecodeError as e:
-            yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
+            yield number, None, _json_problem(e)
             continue
         yield number, value, _object_problem(value)
 
@@ -114,7 +119,7 @@ def _iter_array(text: str) -> Iterator[tuple[int, Any, str | None]]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            yield line_at(e.pos), None, f"invalid JSON ({e.msg} at column {e.colno})"
+            yield line_at(e.pos), None, _json_problem(e)
             return
         yield line_at(pos), value, _object_problem(value)
         pos = skip(end)

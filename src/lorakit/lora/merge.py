@@ -134,7 +134,7 @@ def merge_to_folder(model: str | None, adapter: str, output: str, quantization: 
     """
     from lorakit.generate import model_config_for  # here: both import lorakit.lora
     from lorakit.lora.io import load_adapter
-    from lorakit.model import load_model, load_tokenizer, resolve_model_path
+    from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve_model_path
 
     dest = Path(output)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -145,6 +145,7 @@ def merge_to_folder(model: str | None, adapter: str, output: str, quantization: 
     ids = [tokenizer(p, return_tensors="pt")["input_ids"] for p in CHECK_PROMPTS]
     base = load_adapter(load_model(trained), adapter)
     reference = logits_on(base, ids)
+    trained_as = trained.quantization if trained.quantization != "none" else _dtype_name(dense_dtype(base))
     if target.quantization != trained.quantization:
         del base
         base = load_adapter(load_model(target), adapter)
@@ -154,19 +155,25 @@ def merge_to_folder(model: str | None, adapter: str, output: str, quantization: 
     tmp = dest.parent / f".tmp-{dest.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        with quiet_weight_bars():
+            merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    onto = "dequantized " + target.quantization if target.quantization != "none" else "16-bit"
+    onto = _dtype_name(dense_dtype(merged))  # float32, bfloat16...: what was saved, not a guess
+    if target.quantization != "none":
+        onto = f"dequantized {target.quantization} ({onto})"
     print(f"merged {adapter} onto the {onto} base {target.name_or_path}, saved to {dest}; max |logit difference| "
-          f"vs the adapter on its {trained.quantization if trained.quantization != 'none' else '16-bit'} base: "
-          f"{diff:.4f} ({sum(i.numel() for i in ids)} tokens)")
+          f"vs the adapter on its {trained_as} base: {diff:.4f} ({sum(i.numel() for i in ids)} tokens)")
     if diff > warn_above:
         print(f"lorakit: warning: the merged model's logits differ by up to {diff:.3f} (> {warn_above}) from the "
               "adapter on the base it was trained on; the merge changed the model's behaviour (compare with "
               "lorakit generate before serving it)", file=sys.stderr)
     return diff
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

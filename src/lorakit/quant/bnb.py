@@ -13,8 +13,17 @@ dequantizes W a second time instead of keeping it).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
+
+
+def _no_optional_kernels_warning(record: logging.LogRecord) -> bool:
+    """Drop bitsandbytes' import-time warning that the optional ``kernels`` package (a faster CPU NF4 matmul,
+    fetched from the hub) is not installed; any other failure to load those kernels is still shown."""
+    return not (str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+                and any(isinstance(a, ModuleNotFoundError) and a.name == "kernels" for a in record.args or ()))
 
 
 def _import_bitsandbytes():
@@ -24,6 +33,7 @@ def _import_bitsandbytes():
     through the native CPU and CUDA kernels). The fallbacks then run eagerly, as when compiling fails."""
     compile_ = torch.compile
     torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_optional_kernels_warning)
     try:
         import bitsandbytes
     finally:

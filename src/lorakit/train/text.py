@@ -23,7 +23,7 @@ from lorakit.data import collate, length_grouped_batches, load_datasets
 from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id
 from lorakit.device import data_cache_dir
 from lorakit.lora import add_lora, save_adapter
-from lorakit.model import load_model, load_tokenizer, resolve_model_path
+from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve_model_path
 from lorakit.train import fastpath, precision
 from lorakit.train.compile import compile_layers
 from lorakit.train.fused_loss import (
@@ -142,7 +142,8 @@ class CausalLMTask:
             save_adapter(self.model, folder, base_model_name_or_path=self.cfg.model.name_or_path)
         else:
             self.model.config.use_cache = True
-            self.model.save_pretrained(folder, safe_serialization=True)
+            with quiet_weight_bars():
+                self.model.save_pretrained(folder, safe_serialization=True)
             self.model.config.use_cache = False
             self.tokenizer.save_pretrained(folder)
 
