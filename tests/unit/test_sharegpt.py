@@ -14,21 +14,14 @@ from lorakit.config import DataConfig
 from lorakit.data.formats import detect_format, to_segments, validate_record
 from lorakit.data.tokenize import load_datasets
 from lorakit.evaluate import load_eval_records, prompts_and_references
-from tests.unit.test_data_formats import TEMPLATE, word_tokenizer
+from tests.unit.test_data_formats import CHAT, TEMPLATE, word_tokenizer
 
 BASE_MODEL = str(Path(__file__).parents[2] / "examples" / "base-model")
-SHAREGPT = {"system": "be nice", "conversations": [
+SHAREGPT = {"system": "be nice", "conversations": [  # test_data_formats.CHAT, in ShareGPT
     {"from": "human", "value": "hi"},
     {"from": "gpt", "value": "hello there"},
     {"from": "user", "value": "bye"},  # the chat names are accepted too
     {"from": "assistant", "value": "goodbye"},
-]}
-CHAT = {"messages": [
-    {"role": "system", "content": "be nice"},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "hello there"},
-    {"role": "user", "content": "bye"},
-    {"role": "assistant", "content": "goodbye"},
 ]}
 
 
