@@ -133,7 +133,7 @@ class DataConfig:
     val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation when --val-data is absent",
                                valid=FRACTION)
     format: str = _opt("auto", "auto, alpaca, chat, sharegpt, prompt_completion or text")
-    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)", valid=AT_LEAST_ONE)
+    seq_len: int = _opt(512, "maximum tokens per example (longer ones are truncated)", valid=Range(2))
     train_on_prompt: bool = _opt(False, "also compute the loss on prompt tokens")
     packing: bool = _opt(False, "pack several examples into each sequence")
     group_by_length: bool = _opt(True, "micro-batches of similar-length examples: less padding, faster. Turn off "

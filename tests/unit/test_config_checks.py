@@ -16,7 +16,7 @@ from lorakit.errors import LorakitError
 OUT_OF_RANGE = [
     ("--lr", "-1e-3", "must be > 0"), ("--lr", "0", "must be > 0"), ("--warmup-steps", "-1", "must be >= 0"),
     ("--batch-size", "0", "must be >= 1"), ("--grad-accum", "0", "must be >= 1"), ("--max-steps", "-5", "must be >= 0"),
-    ("--epochs", "0", "must be > 0"), ("--seq-len", "0", "must be >= 1"), ("--dropout", "1", "must be in [0, 1)"),
+    ("--epochs", "0", "must be > 0"), ("--seq-len", "1", "must be >= 2"), ("--dropout", "1", "must be in [0, 1)"),
     ("--weight-decay", "-0.1", "must be >= 0"), ("--max-grad-norm", "-1", "must be >= 0"),
     ("--eval-every", "-1", "must be >= 0"), ("--save-every", "-2", "must be >= 0"), ("--log-every", "0", "must be >= 1"),
     ("--keep-last", "-1", "must be >= 0"), ("--patience", "-1", "must be >= 0"), ("--r", "0", "must be >= 1"),

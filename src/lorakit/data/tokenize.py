@@ -275,10 +275,6 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None
     """
     if not cfg.train:
         raise LorakitError("--data is required: a JSON array or JSONL file of training records")
-    if cfg.seq_len < 2:
-        raise LorakitError(f"--seq-len must be at least 2, got {cfg.seq_len}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise LorakitError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     for flag, path in (("--data", cfg.train), ("--val-data", cfg.val)):
         if path and not Path(path).is_file():
             raise LorakitError(f"{flag} {path}: no such file")
