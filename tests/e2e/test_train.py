@@ -286,3 +286,35 @@ def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path,
     mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / 2
     assert abs(token_mean - mean_of_means) > 1e-3  # the data makes the two definitions disagree
     assert logged == pytest.approx(token_mean, abs=1e-4)
+
+
+def test_callbacks_see_every_record_and_can_stop_the_run(task, tmp_path):
+    """train(cfg, callbacks): hooks get each metrics.jsonl record in order; StopTraining ends the run at that
+    step with the result published and ``stopped`` set to the hook's reason."""
+    from lorakit.train.callbacks import Callback, StopTraining
+    from lorakit.train.loop import run_config, train
+
+    class Watch(Callback):
+        def __init__(self):
+            self.started, self.seen, self.ended = None, [], None
+
+        def on_start(self, cfg, output, state):
+            self.started = state["step"]
+
+        def on_log(self, record):
+            self.seen.append(record)
+            if "eval_loss" in record and record["step"] == 4:
+                raise StopTraining("pruned")
+
+        def on_end(self, result):
+            self.ended = result
+
+    flags = dict(model=str(task["model"]), data=str(task["train"]), val_data=str(task["val"]),
+                 output=str(tmp_path / "out"), max_steps=12, lr=1e-2, batch_size=4, seq_len=64, eval_every=4,
+                 log_every=1, threads=1)
+    watch = Watch()
+    result = train(run_config(None, flags), callbacks=[watch])
+    assert watch.started == 0 and result.stopped == "pruned" and result.steps == 4
+    assert watch.ended is result
+    assert watch.seen == records(tmp_path / "out")  # the same records, in the same order
+    assert ADAPTER_FILES <= {p.name for p in (tmp_path / "out").iterdir()}

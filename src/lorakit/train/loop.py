@@ -36,6 +36,7 @@ from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.device import peak_rss_bytes
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.fileio import write_atomic
+from lorakit.train.callbacks import Callback, StopTraining
 from lorakit.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
@@ -59,7 +60,7 @@ class TrainResult:
     steps: int  # optimizer steps taken in total (including those before a resume)
     loss: float | None  # the last logged training loss
     eval_loss: float | None  # the last evaluation's loss (None without validation data)
-    stopped: str  # "done" or "early_stopping"
+    stopped: str  # "done", "early_stopping", or the reason a callback gave (StopTraining)
     peak_rss_bytes: int | None = None  # this process's peak resident memory (None where unknown)
     peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation (None on CPU)
 
@@ -99,25 +100,45 @@ def run_config(path: str | None, flags: dict[str, Any]) -> RunConfig:
     return load_config(path, flags)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> TrainResult:
     """Train ``cfg`` into ``cfg.train.output``; see the module docstring. Raises LorakitError on bad input
     (nothing written) and on a non-finite loss (the last good weights written, then the error), and
     ``Interrupted`` on SIGINT/SIGTERM once the current step is done and checkpointed (``train/stop.py``).
+    ``callbacks`` (``train/callbacks.py``) watch the run on rank 0, after ``default_callbacks(cfg)``.
     Under torchrun, every rank calls this; see ``train/distributed.py``."""
     dist = setup_distributed(cfg)  # one process (no torchrun): a stand-in that changes nothing
+    hooks = [*default_callbacks(cfg), *callbacks] if dist.is_main else []
     try:
         with StopSignals() as stop:
-            return _train(cfg, stop, dist)
-    except RuntimeError as e:
-        if not dist.lost_peer(e):
-            raise
-        raise LorakitError(f"rank {dist.rank}: lost the other ranks ({dist.describe(e)}); the newest complete "
-                           f"checkpoint in {cfg.train.output} is intact: rerun with --resume") from None
+            return _train(cfg, stop, dist, hooks)
+    except BaseException as e:
+        for hook in hooks:
+            hook.on_error(e)
+        raise
     finally:
         dist.close()
 
 
-def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
+def default_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The hooks every run gets from its config (none yet: experiment tracking plugs in here)."""
+    return []
+
+
+def _lost_peer_message(cfg: RunConfig, dist: Distributed, e: RuntimeError) -> LorakitError:
+    return LorakitError(f"rank {dist.rank}: lost the other ranks ({dist.describe(e)}); the newest complete "
+                        f"checkpoint in {cfg.train.output} is intact: rerun with --resume")
+
+
+def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Callback]) -> TrainResult:
+    try:
+        return _train_steps(cfg, stop, dist, hooks)
+    except RuntimeError as e:
+        if not dist.lost_peer(e):
+            raise
+        raise _lost_peer_message(cfg, dist, e) from None
+
+
+def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Callback]) -> TrainResult:
     t = cfg.train
     output = Path(t.output)
     # a torchrun restart (--max-restarts) reruns the same command: it continues the run, never replaces it
@@ -164,9 +185,19 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
     metrics = open(output / "metrics.jsonl" if dist.is_main else os.devnull, "a")  # rank 0 logs
     progress = _Progress(total_steps, state["step"], shown=dist.is_main)
 
+    halt: list[str] = []  # a hook's StopTraining reason: the run ends after this step
+
     def log(record: dict[str, Any]) -> None:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+        for hook in hooks:
+            try:
+                hook.on_log(record)
+            except StopTraining as e:
+                halt.append(e.reason)
+
+    for hook in hooks:
+        hook.on_start(cfg, output, dict(state))
 
     # --- the loop: one optimizer step per iteration ----------------------------------------------------
     step, loss, eval_loss, stopped = state["step"], None, None, "done"
@@ -225,6 +256,8 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
                     state["bad_evals"] += 1
                 if t.patience and state["bad_evals"] >= t.patience:
                     stopped = "early_stopping"
+        if dist.any_rank(bool(halt)):  # a hook (on rank 0) asked to stop: every rank stops at this step
+            stopped = halt[0] if halt else "stopped"
 
         state.update(step=step, epoch=stream.epoch, batch_index=stream.index)
         if t.save_every and step % t.save_every == 0:
@@ -252,7 +285,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
     with dist.saving(model, optimizer):
         if dist.is_main:
             publish_files(task.save_result, output)
-    note = " (early stopping)" if stopped != "done" else ""
+    note = f" ({stopped.replace('_', ' ')})" if stopped != "done" else ""
     peak = peak_rss_bytes()
     device = next(model.parameters()).device
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -262,8 +295,11 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed) -> TrainResult:
               + (f"peak RSS {peak / 2**20:.1f} MiB; " if peak is not None else "")
               + (f"peak GPU memory {peak_gpu / 2**20:.1f} MiB; " if peak_gpu is not None else "")
               + f"saved to {output}")
-    return TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped,
-                       peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu)
+    result = TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped,
+                         peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu)
+    for hook in hooks:
+        hook.on_end(result)
+    return result
 
 
 # --- helpers: the output folder, the final files, progress -------------------------------------------
