@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorakit.cli import main
-from lorakit.data.check import NearDuplicateIndex, check_file, jaccard, normalize, shingles
+from lorakit.data.check import check_file
+from lorakit.data.dedup import NearDuplicateIndex, jaccard, normalize, shingles
 
 DATA = Path(__file__).parent.parent / "data"
 LEAVES = ("Explain how photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen "

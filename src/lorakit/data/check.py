@@ -1,12 +1,10 @@
 """`lorakit data check`: find every bad record, then report on the data's quality, without training.
 
-Texts are compared normalized: Unicode NFKC, lower case, punctuation dropped, whitespace collapsed.
 An *exact* duplicate repeats an earlier record's normalized prompt (everything but the answers).
 A *near* duplicate has a Jaccard similarity >= 0.9 with an earlier record between their sets of
 character 5-grams over the whole example, prompt and answer: on prompts alone, templated data
 ("Write the number in words.\n663" vs "...6634") is flagged wholesale although each record teaches
-something else. Candidates come from MinHash-LSH (128 permutations, 16 bands of 8 rows: a pair at
-0.9 is found with p > 0.999) and are confirmed with the exact Jaccard.
+something else. Normalizing, shingling and the MinHash LSH are in dedup.py.
 """
 
 from __future__ import annotations
@@ -14,15 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from lorakit.data.dedup import NEAR_THRESHOLD, SHINGLE, NearDuplicateIndex, normalize
 from lorakit.data.formats import (
     CHAT_FORMATS,
     FORMATS,
@@ -39,16 +34,6 @@ from lorakit.data.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_records
 from lorakit.errors import LorakitError
 
 MIN_EXAMPLES = 1000
-NEAR_THRESHOLD = 0.9
-SHINGLE = 5
-_PERMS, _BANDS = 128, 16
-_ROWS = _PERMS // _BANDS
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial rolling hash of a 5-gram's code points
-_rng = np.random.default_rng(0)
-# multiply-shift hashing, (a*x + b) mod 2**64 >> 32 with odd a: one independent-enough permutation per row
-_A = _rng.integers(1, 1 << 63, _PERMS, dtype=np.uint64) | np.uint64(1)
-_B = _rng.integers(0, 1 << 63, _PERMS, dtype=np.uint64)
-_MAX_CANDIDATES = 200  # per prompt: keeps a file of near-identical templates from going quadratic
 _LISTED = 10  # duplicate pairs listed by name in the report
 
 
@@ -77,80 +62,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.errors
-
-
-# --- duplicates -----------------------------------------------------------------------------------
-
-
-def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
-
-
-def shingles(norm: str) -> np.ndarray:
-    """Sorted unique 64-bit hashes of the character 5-grams of ``norm`` (one for a shorter text)."""
-    codes = np.frombuffer(norm.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    n = max(1, len(codes) - SHINGLE + 1)
-    h = np.zeros(n, dtype=np.uint64)
-    for k in range(min(SHINGLE, len(codes))):
-        h = h * _MIX + codes[k:k + n]  # wraps mod 2**64, as intended
-    return np.unique(h)
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """|a & b| / |a | b| of two sorted unique arrays."""
-    common = np.intersect1d(a, b, assume_unique=True).size
-    return common / (a.size + b.size - common)
-
-
-class NearDuplicateIndex:
-    """Texts added so far, queried for an equal or near (Jaccard >= 0.9) one."""
-
-    def __init__(self) -> None:
-        self.exact: dict[str, int] = {}
-        self.shingles: list[np.ndarray] = []
-        self.ids: list[int] = []
-        self.buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-        self._last: tuple[str, np.ndarray, list[tuple[int, bytes]]] | None = None
-
-    def _sketch(self, norm: str) -> tuple[np.ndarray, list[tuple[int, bytes]]]:
-        """Shingles and LSH band keys; the last one is kept since add() follows query() on one text."""
-        if self._last is None or self._last[0] != norm:
-            mine = shingles(norm)
-            signature = ((_A[:, None] * mine[None, :] + _B[:, None]) >> 32).min(axis=1)  # (PERMS,)
-            bands = [(b, signature[b * _ROWS:(b + 1) * _ROWS].tobytes()) for b in range(_BANDS)]
-            self._last = (norm, mine, bands)
-        return self._last[1], self._last[2]
-
-    def query(self, text: str) -> int | None:
-        """The id of an earlier text that ``text`` equals or nearly duplicates, else None."""
-        norm = normalize(text)
-        if norm in self.exact:
-            return self.exact[norm]
-        mine, bands = self._sketch(norm)
-        seen: set[int] = set()
-        for key in bands:
-            for slot in self.buckets.get(key, ()):
-                if slot in seen:
-                    continue
-                seen.add(slot)
-                if jaccard(mine, self.shingles[slot]) >= NEAR_THRESHOLD:
-                    return self.ids[slot]
-                if len(seen) >= _MAX_CANDIDATES:
-                    return None
-        return None
-
-    def add(self, text: str, ident: int) -> None:
-        norm = normalize(text)
-        if norm in self.exact:
-            return
-        self.exact[norm] = ident
-        mine, bands = self._sketch(norm)
-        slot = len(self.shingles)
-        self.shingles.append(mine)
-        self.ids.append(ident)
-        for key in bands:
-            self.buckets[key].append(slot)
 
 
 # --- the check ------------------------------------------------------------------------------------
