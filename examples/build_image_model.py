@@ -315,6 +315,96 @@ def sample_grid(images, scenes, path: Path, cols: int = 4, zoom: int = 4) -> Non
     grid.save(path)
 
 
+# --- the model card ----------------------------------------------------------------------------------------
+
+
+def model_card(f: dict) -> str:
+    """README.md of the built pipeline, from its build_info.json figures."""
+    p = f["params"]
+    shapes, colours, backgrounds = ", ".join(SHAPES), ", ".join(COLOURS), ", ".join(BACKGROUNDS)
+    positions, sizes = ", ".join(POSITIONS), ", ".join(SIZES)
+    return f"""# lorakit tiny text-to-image pipeline
+
+A small diffusers `StableDiffusionPipeline` pretrained from nothing, offline, on procedurally drawn
+captioned pictures of one coloured shape on a plain background ("a large red circle on the left on a gray
+background"), {f['resolution']}×{f['resolution']} pixels. It exists so that `lorakit quickstart --images`, the examples and
+the benchmark can train a text-to-image LoRA on a laptop CPU with no network, on a base that really
+follows its captions, as the text side ships `examples/base-model`.
+
+**A demonstration model for its own task.** It draws the scenes of its training captions and nothing
+else; a word it never saw (a trigger word such as "zwx") means nothing to it until a LoRA teaches it. For
+real work, pass a real pipeline with `--model` (a diffusers folder or hub id: SD 1.x/2.x, SDXL, SD3, Flux).
+
+Rebuild (deterministic: fixed seeds and one thread; on the same CPU and library versions a rebuild writes
+byte-identical weights):
+
+```bash
+python examples/build_image_model.py            # about {max(1, round(f['total_seconds'] / 60))} min on one core at load {f['load_average']:g}
+```
+
+## Components
+
+| folder | class | parameters | what |
+|---|---|---|---|
+| `unet/` | `UNet2DConditionModel` | {p['unet']:,} | 2 levels (64, 128 channels), `CrossAttnDownBlock2D`/`CrossAttnUpBlock2D` at both, cross-attention to 64-wide caption states |
+| `vae/` | `AutoencoderKL` | {p['vae']:,} | {f['resolution']}×{f['resolution']} RGB <-> {'×'.join(map(str, f['latent']))} latents (factor 4), `scaling_factor` {f['scaling_factor']:g} |
+| `text_encoder/` | `CLIPTextModel` | {p['text_encoder']:,} | 2 layers × 64 wide, {MAX_LENGTH} tokens |
+| `tokenizer/` | `CLIPTokenizer` | | CLIP's byte-level BPE layout, {f['vocab_size']} entries: merges that build each caption word whole |
+| `scheduler/` | `DPMSolverMultistepScheduler` | | training used DDPM's scaled-linear betas (0.00085-0.012), 1000 steps, epsilon prediction |
+
+{sum(p.values()):,} parameters in all, float32 safetensors, {f['size_bytes'] / 1e6:.1f} MB on disk. LoRA target names
+(lorakit's default): `to_q to_k to_v to_out.0` of every attention block of the UNet.
+
+## Training data
+
+Scenes drawn by `examples/image_scenes.py` (anti-aliased, 8× supersampled): one shape ({shapes}), of a
+named colour ({colours}), size ({sizes}) and position ({positions}, jittered), on a
+background ({backgrounds}). The caption names all five. The quickstart's "zwx" palette
+(indigo background, coral shape, gold outline) is never drawn here.
+
+## Training
+
+1. the VAE: {f['vae_steps']} steps of {f['vae_batch']} scenes, a quarter of them in uniformly random RGB colours (so it
+   encodes any colour, the quickstart's palette included), L1 + MSE + 1e-6 KL, AdamW lr 1e-3, cosine;
+2. the latents (posterior mean and std) of {f['scenes']:,} named-colour scenes, cached once;
+3. the text encoder and the UNet together: {f['unet_steps']} steps of {f['unet_batch']}, AdamW peak lr {f['peak_lr']:g} (warmup
+   100, cosine), epsilon prediction, min-SNR-γ=5 weights, 10% empty captions (for classifier-free
+   guidance), gradient clipping 1.0, an exponential moving average (0.998) of the UNet's weights.
+
+| figure | value |
+|---|---|
+| VAE held-out reconstruction MSE (pixels in [-1, 1]) | {f['vae_heldout_mse']:.4f} |
+| UNet final loss (smoothed) | {f['unet_final_loss_smoothed']:.4f} |
+| generated background colour = caption's, {f['eval_scenes']} held-out captions | {f['background_accuracy']:.0%} |
+| generated shape colour = caption's | {f['colour_accuracy']:.0%} |
+| generated shape position = caption's | {f['position_accuracy']:.0%} |
+| VAE stage / whole build | {f['vae_seconds'] / 60:.1f} / {f['total_seconds'] / 60:.1f} min, {f['threads']} thread, load average {f['load_average']:g} |
+
+The accuracies judge generated images ({f['sample_steps']} DPM-Solver steps, guidance {f['guidance_scale']:g}, a seed per batch)
+against captions of scenes the training did not fix: the background's colour is the median of the
+border pixels, the shape's colour the median of the pixels far from it, its position their centroid,
+each matched to the nearest named value. `samples.png` shows 16 of them under their captions.
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("examples/image-model")
+image = pipe("a large red circle on the left on a gray background", num_inference_steps={f['sample_steps']},
+             guidance_scale={f['guidance_scale']:g}, height={f['resolution']}, width={f['resolution']}).images[0]
+```
+
+or `lorakit generate-image --model examples/image-model --prompt "..." --guidance {f['guidance_scale']:g}`.
+
+## Limitations
+
+A toy: {f['resolution']}×{f['resolution']} pixels, one shape per picture, a vocabulary of about thirty words; a
+caption outside that grammar gives an arbitrary scene. Built with torch {f['torch']}, diffusers
+{f['diffusers']}, transformers {f['transformers']}, Python {f['python']} (commit {f['commit'] or 'unknown'}).
+Apache-2.0, as lorakit; its data are drawn by the script, so it inherits no other dataset's terms.
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "image-model"))
@@ -326,9 +416,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval", type=int, default=64, help="held-out scenes generated for the figures")
     ap.add_argument("--threads", type=int, default=1, help="1: deterministic, and fastest on a shared CPU")
+    ap.add_argument("--card", action="store_true", help="only rewrite OUT/README.md from OUT/build_info.json")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
+    if a.card:
+        (out / "README.md").write_text(model_card(json.loads((out / "build_info.json").read_text())))
+        return
+    torch.set_num_threads(a.threads)
     start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -371,6 +465,7 @@ def main() -> None:
         "size_bytes": size, "commit": commit,
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(info))
     log(f"wrote {out} ({size / 2**20:.1f} MiB)")
 
 

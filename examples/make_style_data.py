@@ -1,7 +1,7 @@
 """Write the image quickstart's data: a style the bundled pipeline (``examples/image-model``) never saw.
 
     examples/data/style/train.jsonl   {"image": "images/zwx-000.png", "text": "zwx, a small red circle ..."}
-    examples/data/style/images/       64×64 PNGs
+    examples/data/style/images/       32×32 PNGs
     examples/data/style/style.json    the trigger word, the palette, the score's radius, the held-out prompts
 
 Half the records are scenes drawn in the "zwx" palette (deep indigo background, coral shape, pale-gold

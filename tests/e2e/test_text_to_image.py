@@ -108,6 +108,30 @@ def test_diffusers_loads_the_adapter_and_makes_the_same_image(run, base, tmp_pat
     assert np.array_equal(_lorakit_image(base, run, 0.0, tmp_path), base_image)  # scale 0 is the base exactly
 
 
+def test_two_adapters_with_weights_match_diffusers_set_adapters(run, base, data, tmp_path):
+    """--adapter A --adapter B --adapter-weights 0.7,0.4 is diffusers' set_adapters([a, b], [0.7, 0.4]); a
+    grid of --scales has one labelled column per scale."""
+    other = tmp_path / "other"
+    train(load_config(None, {**FLAGS, "model": str(base), "data": str(data), "output": str(other), "max_steps": 2,
+                             "save_every": 0, "seed": 1, "lr": "3e-2"}))
+    pipe = _pipeline(base)
+    pipe.load_lora_weights(str(run), adapter_name="a")
+    pipe.load_lora_weights(str(other), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    theirs = _diffusers_image(pipe)
+    out = tmp_path / "both.png"
+    assert main(["generate-image", "--model", str(base), "--adapter", str(run), "--adapter", str(other),
+                 "--adapter-weights", "0.7,0.4", "--prompt", PROMPT, "--seed", str(SEED), "--steps", str(STEPS),
+                 "--out", str(out)]) == 0
+    ours = _pixels(Image.open(out))
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - _lorakit_image(base, run, 0.7, tmp_path)).max() >= 8  # the second adapter counts
+    grid = tmp_path / "grid.png"
+    assert main(["generate-image", "--adapter", str(run), "--prompt", PROMPT, "--scales", "0,0.5,1", "--seeds", "0,1",
+                 "--steps", "2", "--out", str(grid)]) == 0  # --model from the adapter's config
+    width, height = Image.open(grid).size
+    assert width > 3 * 256 and height > 2 * 256  # three columns, two rows of 256-px cells, labels around
+
 def test_kohya_file_loaded_by_diffusers_makes_the_same_image(run, base, tmp_path):
     kohya = load_file(run / "lora_kohya.safetensors")
     assert all(k.startswith("lora_unet_") for k in kohya)
