@@ -181,8 +181,8 @@ def size_of(paths: list[str]) -> int:
 def prepare(a: argparse.Namespace, files: dict) -> dict:
     from lorakit.data.tokenize import valid_records
     from lorakit.evaluate import prompts_and_references
-    from lorakit.generate import encode_prompt, model_config_for
-    from lorakit.model import load_tokenizer, resolve_model_path
+    from lorakit.generate import encode_prompt
+    from lorakit.model import load_tokenizer, model_config_for, resolve_model_path
 
     base = resolve_model_path(model_config_for(None, str(a.adapter)).name_or_path)
     tok = load_tokenizer(base)

@@ -153,7 +153,7 @@ def _merge(sub: argparse._SubParsersAction) -> None:
                    help="warn when a logit moves more than this vs the adapter on its training base")
 
     def run(a: argparse.Namespace) -> int:
-        from lorakit.lora.merge import merge_to_folder
+        from lorakit.merging import merge_to_folder
 
         merge_to_folder(a.model, a.adapter, a.output, a.quantization, a.warn_above)
         return 0

@@ -11,32 +11,13 @@ import torch
 from torch import nn
 from transformers import TextStreamer
 
-from lorakit.config import ModelConfig, load_config
 from lorakit.data.formats import CHATML_TEMPLATE, to_segments
 from lorakit.data.tokenize import pad_token_id, prefix_ids
 from lorakit.errors import LorakitError
-from lorakit.lora import load_adapter, read_adapter, set_adapter_scale
-from lorakit.model import load_model, load_tokenizer, resolve_model_path
+from lorakit.lora import load_adapter, set_adapter_scale
+from lorakit.model import load_model, load_tokenizer, model_config_for, resolve_model_path
 
 PROMPT_FORMATS = ("raw", "alpaca", "chat")
-
-
-def model_config_for(model: str | None, adapter: str | None, quantization: str | None = None) -> ModelConfig:
-    """The base to load: ``--model``, else the one the adapter was trained on (its ``config.yaml`` from
-    ``lorakit train``, with the same dtype and quantization, else ``adapter_config.json``); ``quantization``
-    (``--quantization``) overrides the trained one."""
-    trained = Path(adapter) / "config.yaml" if adapter else None
-    if trained is not None and trained.is_file():
-        cfg = load_config(trained).model
-        return ModelConfig(name_or_path=model or cfg.name_or_path, dtype=cfg.dtype,
-                           quantization=quantization or cfg.quantization)
-    if model:
-        return ModelConfig(name_or_path=model, quantization=quantization or "none")
-    if adapter:
-        base = read_adapter(adapter)[0].get("base_model_name_or_path")
-        if base:
-            return ModelConfig(name_or_path=base, quantization=quantization or "none")
-    raise LorakitError("--model is required (the adapter folder names no base model)")
 
 
 def load_for_generation(model: str | None, adapter: str | None = None, scale: float = 1.0,

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lorakit.config import ModelConfig
+from lorakit.config import ModelConfig, load_config
 from lorakit.data.tokenize import load_tokenizer
 from lorakit.errors import LorakitError
 from lorakit.gguf import converted_folder, find_gguf, recorded_base
 from lorakit.hub import missing_model_message
+from lorakit.lora.io import read_adapter
 
 __all__ = ["default_device", "load_model", "load_tokenizer", "quiet_weight_bars", "recorded_base", "resolve_dtype",
            "resolve_model_path"]
@@ -124,3 +125,21 @@ def load_model(cfg: ModelConfig, full_training: bool = False, device: torch.devi
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def model_config_for(model: str | None, adapter: str | None, quantization: str | None = None) -> ModelConfig:
+    """The base to load: ``--model``, else the one the adapter was trained on (its ``config.yaml`` from
+    ``lorakit train``, with the same dtype and quantization, else ``adapter_config.json``); ``quantization``
+    (``--quantization``) overrides the trained one."""
+    trained = Path(adapter) / "config.yaml" if adapter else None
+    if trained is not None and trained.is_file():
+        cfg = load_config(trained).model
+        return ModelConfig(name_or_path=model or cfg.name_or_path, dtype=cfg.dtype,
+                           quantization=quantization or cfg.quantization)
+    if model:
+        return ModelConfig(name_or_path=model, quantization=quantization or "none")
+    if adapter:
+        base = read_adapter(adapter)[0].get("base_model_name_or_path")
+        if base:
+            return ModelConfig(name_or_path=base, quantization=quantization or "none")
+    raise LorakitError("--model is required (the adapter folder names no base model)")

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorakit import load_adapter
-from lorakit.lora.merge import merge_to_folder
+from lorakit.merging import merge_to_folder
 from lorakit.quant import load_quantized
 from tests.conftest import tiny_llama
 from tests.e2e.test_train import build_tiny_model, lorakit, records, write_task

@@ -16,7 +16,7 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 def export(job: ExportJob) -> Exported:
     from safetensors.torch import load_file, save_file
 
-    from lorakit.lora.merge import merge_to_folder
+    from lorakit.merging import merge_to_folder
 
     adapter = job.adapters[0]
     merge_to_folder(job.model, str(adapter.path), str(job.workdir))

@@ -60,7 +60,7 @@ def parity_prompts(job: ExportJob, tokenizer: Any) -> list[str]:
     """Up to ``MAX_PROMPTS`` prompt texts: ``--prompts FILE`` (JSON/JSONL records, rendered as training renders
     them, or plain text, one prompt per line), else the first adapter's validation data (its run's
     config.yaml), else a few generic texts."""
-    from lorakit.lora.merge import CHECK_PROMPTS
+    from lorakit.merging import CHECK_PROMPTS
 
     if job.prompts:
         return _file_prompts(Path(job.prompts), tokenizer)

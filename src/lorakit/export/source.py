@@ -91,7 +91,7 @@ class Source:
 
 def base_name(job: ExportJob) -> str:
     """``--model``, else the base every adapter was trained on (they must agree)."""
-    from lorakit.generate import model_config_for
+    from lorakit.model import model_config_for
 
     if job.model:
         return job.model
