@@ -43,6 +43,14 @@ def _data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"))
     c.add_argument("--val-data", dest="val_data", default=None, help="validation file: checked, and its overlap with FILE")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--redact", metavar="OUT", help="also write a copy of FILE with each personal data or secret "
+                   "found replaced by <EMAIL>, <PHONE>, <CARD>, <IBAN>, <IP> or <SECRET>")
+    c.add_argument("--fail-on", dest="fail_on", metavar="CLASSES", help="exit 1 when anything of these classes is "
+                   "found: pii, secrets or pii,secrets (for CI)")
+    c.add_argument("--phone-region", dest="phone_region", default="US",
+                   help="region whose phone numbers may be written without +country code (default US)")
+    c.add_argument("--max-answer-share", dest="max_answer_share", default=None,
+                   help="warn when the most frequent answer is more than this share of all (default 0.5)")
     c.add_argument("--resolution", type=int, help="image data: flag images smaller than this (default: the pipeline's)")
     c.add_argument("--trigger-word", dest="trigger_word", help="image data: prepended to captions before counting tokens")
 

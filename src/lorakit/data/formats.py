@@ -56,6 +56,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
         raise LorakitError(f"{p}: data file not found") from None
     except IsADirectoryError:
         raise LorakitError(f"{p}: is a folder, expected a JSON or JSONL file") from None
+    except OSError as e:  # permission denied, an I/O error
+        raise LorakitError(f"{p}: cannot read it ({e.strerror}); check that it is a readable file") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as some editors write
     if raw.lstrip()[:1] != b"[":
         yield from _iter_jsonl(raw)
