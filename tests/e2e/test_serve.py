@@ -345,21 +345,40 @@ def test_queue_full_is_429_with_retry_after(small):
     assert limited.headers["Retry-After"] == "1" and limited.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+# schemathesis hook: two of three generated request bodies name a model the server has, so the fuzzing reaches
+# generation, not only the unknown-model 404 (the third keeps that path in the run)
+REAL_MODELS_HOOK = """
+import zlib
+import schemathesis
+
+@schemathesis.hook
+def map_body(ctx, body):
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        pick = zlib.crc32(body["model"].encode()) % 3
+        body["model"] = ("base", "alpha", body["model"])[pick]
+    return body
+"""
+
+
 def test_openapi_schema_holds(small, tmp_path):
     """No 5xx, no response outside the schema, invalid data refused: schemathesis's own CLI against the live
     server's /openapi.json (its CLI is its stable interface; its pytest plugin breaks across pytest releases)."""
     pytest.importorskip("schemathesis")
+    (tmp_path / "real_models.py").write_text(REAL_MODELS_HOOK)
     checks = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
               "negative_data_rejection")
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "real_models",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; "
                           "sys.exit(schemathesis())", "run", small.url + "/openapi.json", "--checks", checks,
-                          "--phases", "examples,fuzzing", "--max-examples", "12",
-                          "--generation-deterministic", "--workers", "1", "--request-timeout", "30",
-                          "--no-color"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          "--phases", "examples,fuzzing", "--max-examples", "12", "--generation-deterministic",
+                          "--workers", "1", "--request-timeout", "30", "--no-color"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     cases = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     assert cases and cases[1] == cases[2] and int(cases[1]) > 30, run.stdout[-3000:]
+    # the generated requests reached generation, not only the unknown-model 404
+    assert small.metric("lorakit_requests_total", model="alpha", status="200") > 0
 
 
 def test_sigterm_drains_then_exits(main):
