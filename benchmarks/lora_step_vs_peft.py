@@ -1,21 +1,31 @@
 """One LoRA training step, lorakit vs PEFT, on the same model in one process, alternating.
 
 Llama 512 wide, 8 layers, SwiGLU 1408, vocab 32000; bf16 base weights, bf16 autocast, AdamW,
-r=16 on all seven projections, batch 4×256. Prints tokens/s for both, the ratio, and the fraction of the
-machine's matmul roofline (measured here, in the same dtype) that lorakit reaches.
+r=16 on all seven projections, batch 4×256. Prints the hardware (CPU model and flags) and load average,
+tokens/s for both, the ratio, the fraction of the machine's matmul roofline (measured here, in the same
+dtype) that lorakit reaches, and (``--profile``) where lorakit's step time goes.
+
+Each side runs its step as its users get it: PEFT as ``model(input_ids, labels=...).loss`` (transformers'
+layers and loss); lorakit as ``lorakit train`` runs it (``train/fastpath.py``'s fused decoder layers on CPU,
+``train/fused_loss.py``'s chunked cross-entropy against the head, or ``--compile``).
 
 ``--precision auto`` runs bf16 where the hardware has bf16 matmuls and fp32 elsewhere: a CPU without
 AVX-512-BF16/AMX emulates bf16 GEMMs tens of times slower than fp32, which would measure the emulation.
 
     python benchmarks/lora_step_vs_peft.py [--precision auto|bf16|fp32] [--rounds 5] [--steps 3] [--threads N]
+        [--device cpu|cuda] [--model-config examples/configs/llama-3.2-1b] [--batch 4] [--seq 256] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -23,26 +33,53 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.device import bf16_native, cpu_threads, use_bf16
+from lorakit.device import bf16_native, cpu_threads, hardware_summary, use_bf16
+from lorakit.train import fastpath
+from lorakit.train.compile import compile_layers
+from lorakit.train.fused_loss import fused_head, linear_cross_entropy
+from lorakit.train.text import shifted_hidden
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(cfg: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+def model_config(path: str | None, seq: int) -> LlamaConfig:
+    """The benchmark's Llama (512 wide, 8 layers), or a config.json's (e.g. examples/configs/llama-3.2-1b)."""
+    if path is None:
+        return LlamaConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, vocab_size=32000,
+                           num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq)
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    fields = {k: v for k, v in json.loads(file.read_text()).items() if k not in ("architectures", "torch_dtype")}
+    return LlamaConfig(**fields)
+
+
+def build(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype).train()
+    with device:
+        model = LlamaForCausalLM(cfg).to(dtype).train()
+    model.config.use_cache = False  # as lorakit train and transformers' Trainer set it: no KV cache in training
+    return model
 
 
-def matmul_roofline(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Best GEMM throughput (FLOP/s) in ``dtype`` on this machine: the ceiling a training step can approach."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_roofline(dtype: torch.dtype, device: torch.device, threads: int, n: int = 2048,
+                    reps: int = 10) -> tuple[float, float]:
+    """(best GEMM FLOP/s in ``dtype`` by wall time, the same by CPU time / threads): the ceiling a training
+    step can approach on this machine, the second less affected by other processes."""
+    n = 8192 if device.type == "cuda" else n
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        sync(device)
+        t, c = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+        sync(device)
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return 2 * n**3 / wall, 2 * n**3 / (wall if device.type == "cuda" else cpu / threads)
 
 
 def step_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
@@ -50,68 +87,136 @@ def step_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
     head's weights (frozen: no weight gradients), attention scores/values 4·B·S²·h·L forward and twice that
     backward. LoRA's own matmuls (r=16) add under 2% and are left out."""
     h, L, inter, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
-    p = L * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * v
+    d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    p = L * (2 * h * q + 2 * h * kv + 3 * h * inter) + h * v
     t = batch * seq
-    return 4 * t * p + 12 * batch * seq * seq * h * L
+    return 4 * t * p + 12 * batch * seq * seq * q * L
 
 
-def timed_steps(model, opt, ids, steps: int, bf16: bool) -> float:
-    """Median seconds per optimizer step (forward, backward, AdamW) over ``steps``."""
-    times = []
+def peft_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """PEFT as its users run it: transformers' layers and its loss on the whole logits."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def lorakit_loss(model, head, bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """lorakit as ``lorakit train`` runs it (``train/text.py``): the model's own forward with the head as the
+    identity, then the chunked cross-entropy against the head's weight; the mean over the targets."""
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        hidden, targets = shifted_hidden(model, head, batch, bf16)
+        return linear_cross_entropy(hidden, head.weight, targets) / targets.numel()
+    return loss
+
+
+def timed_steps(loss_fn, opt, ids, steps: int, bf16: bool) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) per optimizer step (forward, backward,
+    AdamW) over ``steps``. On a CPU shared with other work, wall time also measures the neighbours; CPU
+    seconds divided by the threads estimate the step on an idle machine (an estimate: contention also
+    costs CPU time, in caches and in threads waiting for each other)."""
+    walls, cpus = [], []
     for _ in range(steps):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids).loss
+        sync(ids.device)
+        t, c = time.perf_counter(), time.process_time()
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        sync(ids.device)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def profile(loss_fn, opt, ids, bf16: bool, rows: int = 25) -> None:
+    """torch.profiler's table of lorakit's step: where its time goes, by operator (self time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        timed_steps(loss_fn, opt, ids, 2, bf16)
+    key = "self_cuda_time_total" if ids.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=cpu_threads())
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model-config", help="a Llama config.json or its folder (default: 512 wide × 8 layers)")
+    ap.add_argument("--compile", action="store_true", help="lorakit with --compile instead of its fused layers")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of lorakit's step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bf16 = use_bf16(args.precision, "cpu")
+    device = torch.device(args.device)
+    bf16 = use_bf16(args.precision, device)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, vocab_size=32000,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=args.seq)
-    base = build(cfg, dtype)
+    cfg = model_config(args.model_config, args.seq)
+    print(f"hardware: {hardware_summary()}")
+    load_before = os.getloadavg()
+    base = build(cfg, dtype, device)
     ours = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
     theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     del base
+    layers = compile_layers(ours) if args.compile else fastpath.enable(ours)
+    head = fused_head(ours)
+    assert head is not None, "the benchmark's Llama has a plain head"
+    print(f"lorakit step: {layers}; chunked cross-entropy against the head")
+    losses = {"lorakit": lorakit_loss(ours, head, bf16), "peft": lambda ids: peft_loss(theirs, ids)}
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
             for name, m in (("lorakit", ours), ("peft", theirs))}
-    models = {"lorakit": ours, "peft": theirs}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    for name in models:  # warm-up: first-touch allocations, oneDNN kernel selection
-        timed_steps(models[name], opts[name], ids, 1, bf16)
-    results: dict[str, list[float]] = {"lorakit": [], "peft": []}
+    ids = ids.to(device)
+    peaks: dict[str, int] = {}
+    resting = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    for name in losses:  # warm-up: first-touch allocations, oneDNN kernel selection, compilation
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        timed_steps(losses[name], opts[name], ids, 2 if args.compile else 1, bf16)
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated(device) - resting
+        print(f"warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    results: dict[str, list[tuple[float, float]]] = {"lorakit": [], "peft": []}
     for r in range(args.rounds):
         order = ("lorakit", "peft") if r % 2 == 0 else ("peft", "lorakit")
         for name in order:
-            results[name].append(timed_steps(models[name], opts[name], ids, args.steps, bf16))
-        print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {v[-1]:.2f} s/step" for n, v in results.items()),
-              flush=True)
+            results[name].append(timed_steps(losses[name], opts[name], ids, args.steps, bf16))
+        print(f"round {r + 1}/{args.rounds}: " + "  ".join(
+            f"{n} {v[-1][0]:.3f} s/step ({v[-1][1]:.3f} CPU s)" for n, v in results.items()), flush=True)
     tokens = args.batch * args.seq
-    tps = {n: tokens / statistics.median(v) for n, v in results.items()}
-    roof = matmul_roofline(dtype)
-    achieved = step_flops(cfg, args.batch, args.seq) * tps["lorakit"] / tokens
-    print(f"precision={'bf16 weights + bf16 autocast' if bf16 else 'fp32'} (bf16 native here: {bf16_native('cpu')})")
+    cpu_scale = 1 if device.type == "cuda" else args.threads  # CPU seconds per wall second on an idle machine
+    tps = {n: tokens / statistics.median(w for w, _ in v) for n, v in results.items()}
+    tps_cpu = {n: tokens * cpu_scale / statistics.median(c for _, c in v) for n, v in results.items()}
+    roof, roof_cpu = matmul_roofline(dtype, device, args.threads)
+    flops = step_flops(cfg, args.batch, args.seq) / tokens  # per token
+    native = bf16_native(device)
+    print(f"precision={'bf16 weights + bf16 autocast' if bf16 else 'fp32'} (bf16 native here: {native}); "
+          f"device {device}")
+    print(f"model: hidden {cfg.hidden_size} × {cfg.num_hidden_layers} layers, MLP {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}; r=16 on {len(TARGETS)} projections")
     print(f"threads={args.threads} batch={args.batch}x{args.seq} rounds={args.rounds}x{args.steps} steps (medians)")
-    print(f"peft     {tps['peft']:9.1f} tokens/s")
-    print(f"lorakit  {tps['lorakit']:9.1f} tokens/s")
-    print(f"ratio lorakit/peft = {tps['lorakit'] / tps['peft']:.2f}x")
-    print(f"{dtype} matmul roofline {roof / 1e9:.1f} GFLOP/s; lorakit step reaches {achieved / 1e9:.1f} GFLOP/s "
-          f"= {achieved / roof:.0%} of it")
+    for name in ("peft", "lorakit"):
+        memory = f"; step peak {peaks[name] / 2**20:,.0f} MiB GPU memory above the weights" if name in peaks else ""
+        by_cpu = "" if device.type == "cuda" else f"; by CPU time: {tps_cpu[name]:.1f} tokens/s"
+        print(f"{name:8} {tps[name]:10.1f} tokens/s{by_cpu}{memory}")
+    print(f"ratio lorakit/peft = {tps['lorakit'] / tps['peft']:.2f}x"
+          + ("" if device.type == "cuda" else f" (by CPU time: {tps_cpu['lorakit'] / tps_cpu['peft']:.2f}x)"))
+    print(f"{dtype} matmul roofline {roof / 1e9:.1f} GFLOP/s; lorakit step reaches {flops * tps['lorakit'] / 1e9:.1f} "
+          f"GFLOP/s = {flops * tps['lorakit'] / roof:.0%} of it")
+    if device.type != "cuda":
+        print(f"by CPU time: roofline {roof_cpu / 1e9:.1f} GFLOP/s, lorakit {flops * tps_cpu['lorakit'] / 1e9:.1f} "
+              f"GFLOP/s = {flops * tps_cpu['lorakit'] / roof_cpu:.0%} of it")
+    print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)")
+    if args.profile:
+        profile(losses["lorakit"], opts["lorakit"], ids, bf16)
 
 
 if __name__ == "__main__":
