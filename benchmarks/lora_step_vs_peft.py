@@ -7,7 +7,9 @@ dtype) that lorakit reaches, and (``--profile``) where lorakit's step time goes.
 
 Each side runs its step as its users get it: PEFT as ``model(input_ids, labels=...).loss`` (transformers'
 layers and loss); lorakit as ``lorakit train`` runs it (``train/fastpath.py``'s fused decoder layers on CPU,
-``train/fused_loss.py``'s chunked cross-entropy against the head, or ``--compile``).
+``train/fused_loss.py``'s chunked cross-entropy against the head, or ``--compile``). On CUDA lorakit uses
+liger-kernel's RMSNorm, SwiGLU and RoPE where installed (``benchmarks/gpu.sh`` installs it); liger patches
+RoPE module-wide, so PEFT's side gets that kernel too and the ratio there is, if anything, conservative.
 
 ``--precision auto`` runs bf16 where the hardware has bf16 matmuls and fp32 elsewhere: a CPU without
 AVX-512-BF16/AMX emulates bf16 GEMMs tens of times slower than fp32, which would measure the emulation.

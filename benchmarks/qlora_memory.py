@@ -6,7 +6,9 @@ byte-level BPE tokenizer. Then `lorakit train` runs a few steps (batch 1, short 
 linears) twice, each a fresh child process whose own peak RSS is measured (``lorakit.usage``):
 `--quantization nf4` and `--dtype bfloat16`. Prints both peaks, their ratio (QLoRA's promise: at most 0.5),
 the frozen base's bytes per parameter (NF4 + double quantization: 4.127 bits = 0.516 B on the linears) and
-`lorakit params`' estimate next to each measurement.
+`lorakit params`' estimate next to each measurement. On a CUDA machine `lorakit train` runs on the GPU, and
+each run's peak GPU memory (torch.cuda.max_memory_allocated, printed by `lorakit train`) and the nf4/bf16
+ratio of those are printed too.
 
     python benchmarks/qlora_memory.py [--layers 16] [--hidden 2048] [--steps 2] [--keep DIR]
 """
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lorakit.device import hardware_summary
 from lorakit.usage import run_measured
 
 SHARD_BYTES = 500 * 2**20
@@ -110,6 +113,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", help="build the model here and keep it (default: a temporary folder)")
     args = ap.parse_args()
+    print(f"hardware: {hardware_summary()}; load average {os.getloadavg()[0]:.2f} (1 min)")
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qlora-memory-"))
     model = root / "model"
@@ -128,7 +132,7 @@ def main() -> None:
     data.write_text("".join(json.dumps({"instruction": f"Question {i}: what is the answer?", "output": ANSWER}) + "\n"
                             for i in range(8)))
 
-    results = {}
+    results, gpu = {}, {}
     for name, flags in (("nf4", ["--quantization", "nf4"]), ("bf16", ["--dtype", "bfloat16"])):
         out = root / f"run-{name}"
         cmd = [sys.executable, "-m", "lorakit", "train", "--model", str(model), "--data", str(data), "--output",
@@ -137,7 +141,11 @@ def main() -> None:
                "--lr", "1e-4", *flags]
         peak, seconds, log = peak_rss(cmd, root / f"{name}.log")
         results[name] = peak
-        print(f"{name:>4} base: peak RSS {peak / 2**30:.3f} GiB ({seconds:.0f}s, {args.steps} steps)")
+        on_gpu = re.search(r"peak GPU memory ([\d.]+) MiB", log)
+        if on_gpu:
+            gpu[name] = float(on_gpu.group(1)) * 2**20
+        print(f"{name:>4} base: peak RSS {peak / 2**30:.3f} GiB ({seconds:.0f}s, {args.steps} steps)"
+              + (f"; peak GPU memory {gpu[name] / 2**30:.3f} GiB" if name in gpu else ""))
         if name == "nf4":
             m = re.search(r"frozen base ([\d.]+) (GiB|MiB) \(([\d.]+) B/param\)", log)
             bits = re.search(r"\(([\d.]+) bits/weight", log)
@@ -147,6 +155,8 @@ def main() -> None:
 
     ratio = results["nf4"] / results["bf16"]
     print(f"ratio nf4/bf16 peak RSS: {ratio:.3f} (must be <= 0.5: {'ok' if ratio <= 0.5 else 'FAILED'})")
+    if len(gpu) == 2:
+        print(f"ratio nf4/bf16 peak GPU memory: {gpu['nf4'] / gpu['bf16']:.3f}")
     est = estimate(model, args.seq_len, args.r)
     for name, method in (("nf4", "qlora"), ("bf16", "lora")):
         e = est[method]["total"]

@@ -39,9 +39,12 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(ROOT)  # the config's relative paths
 
+    from lorakit.device import hardware_summary
     from lorakit.evaluate import evaluate_model, load_eval_records
     from lorakit.generate import load_for_generation
     from lorakit.quickstart import run_children, training_speed
+
+    print(f"hardware: {hardware_summary()}; load average {os.getloadavg()[0]:.2f} (1 min)")
 
     out = Path(args.output or tempfile.mkdtemp(prefix="qlora-quality-"))
     threads = str(max(1, len(os.sched_getaffinity(0)) // 2))

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from lorakit.device import hardware_summary
 from lorakit.usage import measured_popen, read_usage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +159,7 @@ def main() -> None:
         return
 
     passthrough = sys.argv[1:]
+    print(f"hardware: {hardware_summary()}", flush=True)
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {"lorakit": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="train_vs_trl-") as tmp:
