@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,10 @@ ROOT = Path(__file__).parents[2]
 def test_setup_uses_the_active_virtual_environment_and_reports_each_stage(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    # --system-site-packages sees the base interpreter's packages only; when the suite itself runs in a venv
+    # (as README asks), that venv's packages are what pip must resolve from: a .pth file adds them
+    (site_dir,) = venv.glob("lib/python*/site-packages")
+    (site_dir / "suite-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH")}
     env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",  # `. venv/bin/activate`
                PIP_DRY_RUN="1", PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0")  # pip reads "0" as: no isolation
