@@ -13,6 +13,7 @@ objective:
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,28 @@ def resolve_pipeline_path(name_or_path: str) -> str:
 def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> Any:
     """The ``DiffusionPipeline`` in ``name_or_path`` on ``device`` (CUDA when there is one), progress bars off."""
+    # diffusers imports bitsandbytes; imported by lorakit first it is quiet (no warning that the optional
+    # `kernels` package is missing) and light (no torch.compile stack)
+    importlib.import_module("lorakit.quant.bnb")
     import diffusers
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
     from packaging.version import Version
+    from transformers.utils import logging as transformers_logging
 
     from lorakit.model import default_device
 
     path = resolve_pipeline_path(name_or_path)
-    # diffusers logs every default it fills in while loading; the user asked for nothing of it
+    # diffusers logs every default it fills in while loading, and both libraries draw a progress bar per
+    # component and per weight file: the user asked for none of it
     level = logging.getLogger("diffusers").level
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in bars:
+        lib.disable_progress_bar()
+    # transformers warns, as each pipeline class is imported, that torchvision is missing and it uses PIL
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
     try:
         # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning)
         key = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
@@ -66,6 +79,10 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32,
         raise LorakitError(f"--model {name_or_path}: could not load the pipeline ({first})") from None
     finally:
         logging.getLogger("diffusers").setLevel(level)
+        transformers_logging.set_verbosity(verbosity)
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
     family(pipe)  # refuse unknown denoisers here, before any work
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
