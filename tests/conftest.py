@@ -12,6 +12,12 @@ torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LORAKIT_CACHE", tempfile.mkdtemp(prefix="lorakit-test-cache-"))  # subprocesses inherit it
+# MLflow tracking (on by default) costs each `lorakit train` ~2-5 s of imports and database set-up: off for the
+# suite, on in tests/e2e/test_tracking.py; and should it run, its record goes to a temporary store (the sqlite
+# file with its artifacts in mlruns/ beside it), never into the working directory.
+os.environ["LORAKIT_TRACK"] = "0"
+os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(tempfile.mkdtemp(prefix="lorakit-test-mlflow-"),
+                                                                 "mlflow.db")
 
 
 @pytest.fixture(scope="session")

@@ -220,6 +220,19 @@ class DiffusionConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment tracking with MLflow (``track/mlflow.py``), into ``MLFLOW_TRACKING_URI`` or else
+    ``sqlite:///mlflow.db`` in the working directory. ``LORAKIT_TRACK=0`` in the environment turns it off for
+    every run (a test suite, CI). A resumed run may change these: they do not alter the weights."""
+
+    enabled: bool = _opt(True, "record the run in MLflow: params, tags, step metrics, the adapter (see "
+                         "MLFLOW_TRACKING_URI)", flag="--track")
+    experiment: str = _opt("lorakit", "MLflow experiment name")
+    run_name: str = _opt("", "MLflow run name (default: the --output folder's name)")
+    parent_run_id: str = _opt("", "nest this run under that MLflow run (a sweep's trials), in its experiment")
+
+
+@dataclass
 class RunConfig:
     """The whole tree; ``OUTPUT/config.yaml`` holds it resolved."""
 
@@ -228,6 +241,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 @dataclass

@@ -120,8 +120,14 @@ def train(cfg: RunConfig, callbacks: list[Callback] | tuple[Callback, ...] = ())
 
 
 def default_callbacks(cfg: RunConfig) -> list[Callback]:
-    """The hooks every run gets from its config (none yet: experiment tracking plugs in here)."""
-    return []
+    """The hooks every run gets from its config: MLflow tracking (``track/mlflow.py``) unless ``--no-track``
+    or ``LORAKIT_TRACK=0`` in the environment (a switch for a whole test suite or CI)."""
+    hooks: list[Callback] = []
+    if cfg.track.enabled and os.environ.get("LORAKIT_TRACK", "1").lower() not in ("0", "false", "no", "off"):
+        from lorakit.track.mlflow import MLflowCallback
+
+        hooks.append(MLflowCallback())
+    return hooks
 
 
 def _lost_peer_message(cfg: RunConfig, dist: Distributed, e: RuntimeError) -> LorakitError:
@@ -183,7 +189,6 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
         write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
     stream = BatchStream(task, t.batch_size, state["epoch"], state["batch_index"], dist)
     metrics = open(output / "metrics.jsonl" if dist.is_main else os.devnull, "a")  # rank 0 logs
-    progress = _Progress(total_steps, state["step"], shown=dist.is_main)
 
     halt: list[str] = []  # a hook's StopTraining reason: the run ends after this step
 
@@ -198,6 +203,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
 
     for hook in hooks:
         hook.on_start(cfg, output, dict(state))
+    progress = _Progress(total_steps, state["step"], shown=dist.is_main)  # its tokens/s clock starts here
 
     # --- the loop: one optimizer step per iteration ----------------------------------------------------
     step, loss, eval_loss, stopped = state["step"], None, None, "done"
@@ -332,13 +338,14 @@ def _check_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def _check_same_run(saved_path: Path, cfg: RunConfig) -> None:
-    """A resumed run must compute what the original would have: only RESUMABLE_CHANGES may differ."""
+    """A resumed run must compute what the original would have: only RESUMABLE_CHANGES and the tracking
+    settings (``track``: where the record goes) may differ."""
     saved = config_to_dict(load_config(saved_path))
     now = config_to_dict(cfg)
     for section, fields in now.items():
         for name, value in fields.items():
             before = saved[section][name]
-            if before != value and not (section == "train" and name in RESUMABLE_CHANGES):
+            if before != value and not ((section == "train" and name in RESUMABLE_CHANGES) or section == "track"):
                 raise LorakitError(f"--resume: {section}.{name} is {value!r} but the run in {saved_path.parent} "
                                    f"used {before!r}; resume with the same settings or start with --overwrite")
 
