@@ -86,6 +86,7 @@ def main() -> None:
     from lorakit.device import hardware_summary
 
     torch.set_num_threads(2)
+    load_before = os.getloadavg()[0]
     kinds = ["1 proc x 1 thread", "1 proc x 2 threads", "2 ranks x 1 thread"]
     results: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +95,7 @@ def main() -> None:
                 results[kind].append(run(kind, a.steps, Path(tmp) / f"run-{i}"))
                 print(f"round {i + 1} {kind}: {results[kind][-1]:,.0f} tokens/s", flush=True)
     print(hardware_summary())
-    print(f"load average before/after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
     base = statistics.median(results[kinds[0]])
     for kind in kinds:
         m = statistics.median(results[kind])

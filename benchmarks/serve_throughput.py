@@ -229,6 +229,10 @@ def free_port() -> int:
 
 
 def main() -> None:
+    if os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
+        # PEFT runs in this process, and torch is loaded before lorakit could set this: idle OpenMP threads
+        # must sleep, not spin, or on a shared CPU this process measures its own spinning
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="16,32,64")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the lorakit and PEFT-mixed measurements")

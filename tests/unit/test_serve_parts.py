@@ -241,3 +241,37 @@ def test_serve_flags(tmp_path):
     for bad in ({"adapter": ["nodir"]}, {"max-queue": "0"}, {"port": "70000"}):
         with pytest.raises(LorakitError):
             load_config(None, bad, root=ServeRunConfig)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_base_serves_mixed_batches(adapters, tmp_path, quantization):
+    """--quantization: the engine over a bitsandbytes base (adapters on the dequantized weights); base rows
+    give the quantized model's own greedy tokens, adapter rows differ, a mixed batch equals each alone."""
+    from lorakit.quant import load_quantized
+
+    base, root = adapters
+    base.save_pretrained(tmp_path / "base")
+    model, _ = load_quantized(tmp_path / "base", quantization, torch.float32)
+    registry = AdapterRegistry(model, torch.float32, 8)
+    for name in TARGETS:
+        registry.add(name, str(root / name), trusted=True)
+    got: dict[Request, list[int]] = {}
+    engine = Engine(model, registry, max_batch=4, max_queue=8, max_context=128,
+                    deliver=lambda events: [got.setdefault(r, []).append(o.token) for r, o in events if o.token is not None])
+    prompt = [5, 17, 42, 9, 77, 3]
+    reqs = [Request(prompt, SamplingParams(max_tokens=8), adapter) for adapter in (None, "a", "b", "c")]
+
+    def run(batch):
+        for r in batch:
+            engine.submit(r)
+        with torch.inference_mode():
+            while engine.batch_size or engine.queue_depth:
+                engine.step()
+        return [got[r] for r in batch]
+
+    together = run(reqs)
+    assert together == [run([Request(r.prompt, r.params, r.adapter)])[0] for r in reqs]
+    with torch.inference_mode():
+        plain = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert together[0] == plain[0, len(prompt):].tolist()
+    assert all(t != together[0] for t in together[1:])
