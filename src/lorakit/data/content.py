@@ -54,9 +54,11 @@ _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w
 _VERSION_BEFORE = re.compile(r"(?i)(?:\bv|\bver|\bversion|\brelease|\bbuild|==|>=|<=|@)\s*$")
 # a phone number has 7+ digits in one run of digits and separators: cheap to test before libphonenumber
 _PHONE_HINT = re.compile(r"(?:\d[\s().\-/]{0,3}){7,}")
-# detect-secrets' patterns all need a keyword, a URL, a PEM armour line or a long token: cheap to test first
-_SECRET_HINT = re.compile(r"(?i)pass|pwd|secret|token|key|auth|cred|api|bearer|://|-----|[\w+/=-]{20,}"
-                          r"|(?=[\w+/=-]*\d)[\w+/=-]{9,}")
+# Every detect-secrets pattern used needs one of these: a word of its keyword lists (api_key, password, pwd,
+# secret, token, ...: each contains one below), a URL with credentials, PEM armour, Artifactory's AKC/AP
+# prefixes, or a token of 9+ characters with a digit or of 20+ without; a line with none is not scanned
+_SECRET_HINT = re.compile(r"(?i:pass|pwd|secret|contrase|key|token|auth)|://|-----|AKC|AP[\dA-F]"
+                          r"|[\w+/=-]{20,}|(?=[\w+/=-]*\d)[\w+/=-]{9,}")
 _TOKEN_CHARS = re.compile(r"[\w+/=.~-]")
 _PEM_END = re.compile(r"-----END [A-Z0-9 ]*-----")
 _ORDER = ("secret", "card", "iban", "email", "ip", "phone")  # who keeps an overlapping stretch of text

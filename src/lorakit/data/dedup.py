@@ -46,13 +46,14 @@ class NearDuplicateIndex:
         self.shingles: list[frozenset[str]] = []
         self.ids: list[int] = []
         self.lsh = MinHashLSH(num_perm=_PERMS, params=(_BANDS, _ROWS))
+        self._empty = MinHash(num_perm=_PERMS, seed=_SEED)
         self._last: tuple[str, frozenset[str], MinHash] | None = None
 
     def _sketch(self, norm: str) -> tuple[frozenset[str], MinHash]:
         """Shingles and MinHash; the last pair is kept since add() follows query() on one text."""
         if self._last is None or self._last[0] != norm:
             mine = shingles(norm)
-            sketch = MinHash(num_perm=_PERMS, seed=_SEED)
+            sketch = self._empty.copy()  # a copy shares the permutations: MinHash() draws them anew each time
             sketch.update_batch(s.encode("utf-8") for s in mine)
             self._last = (norm, mine, sketch)
         return self._last[1], self._last[2]
