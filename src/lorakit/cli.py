@@ -85,6 +85,57 @@ def _train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _sweep(sub: argparse._SubParsersAction) -> None:
+    from lorakit.config import SweepRunConfig, add_config_flags
+
+    p = sub.add_parser("sweep", help="search lr, r, alpha, dropout (or the config's sweep: space) with Optuna: "
+                       "TPE, median pruning; any train flag fixes that option")
+    p.add_argument("config", nargs="?", help="YAML run config (the trials' fixed part) with an optional sweep: "
+                   "space; flags override it")
+    add_config_flags(p, root=SweepRunConfig)
+    add_config_flags(p)
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.config import load_config, option_names
+        from lorakit.track.space import load_space
+        from lorakit.track.sweep import sweep_command, worker_argv
+
+        flags = {k: v for k, v in vars(a).items() if k not in ("command", "func", "config")}
+        own = set(option_names(SweepRunConfig))
+        options = load_config(None, {k: v for k, v in flags.items() if k in own}, root=SweepRunConfig).sweep
+        train_flags = {k: v for k, v in flags.items() if k not in own}
+        cfg = load_config(a.config, train_flags)
+        fixed = {k for k, v in train_flags.items() if v is not None}
+        return sweep_command(cfg, options, load_space(a.config), fixed, worker_argv(a.config, flags))
+
+    p.set_defaults(func=run)
+
+
+def _lr_find(sub: argparse._SubParsersAction) -> None:
+    from lorakit.config import add_config_flags
+
+    p = sub.add_parser("lr-find", help="the LR range test: an exponential lr ramp, loss vs lr plotted, the "
+                       "steepest descent suggested")
+    p.add_argument("config", nargs="?", help="YAML run config; flags override it")
+    p.add_argument("--start-lr", dest="start_lr", type=float, default=1e-7, help="first lr of the ramp (default 1e-7)")
+    p.add_argument("--end-lr", dest="end_lr", type=float, default=1.0, help="last lr of the ramp (default 1)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of the ramp (default 100)")
+    p.add_argument("--diverge", type=float, default=4.0,
+                   help="stop once the smoothed loss exceeds this times its best (default 4)")
+    add_config_flags(p, exclude=("lr", "max-steps", "epochs", "schedule", "warmup-steps", "save-every", "keep-last",
+                                 "eval-every", "patience", "resume", "overwrite"))
+
+    def run(a: argparse.Namespace) -> int:
+        from lorakit.config import load_config
+        from lorakit.track.lr_find import lr_find_command
+
+        own = ("command", "func", "config", "start_lr", "end_lr", "steps", "diverge")
+        cfg = load_config(a.config, {k: v for k, v in vars(a).items() if k not in own})
+        return lr_find_command(cfg, a.start_lr, a.end_lr, a.steps, a.diverge)
+
+    p.set_defaults(func=run)
+
+
 def _generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete a prompt or chat with a base model, plus an adapter")
     p.add_argument("--model", help="base model folder or hub id (default: the one the adapter was trained on)")
@@ -309,7 +360,7 @@ def _check_adapter(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_params, _data, _train, _generate, _generate_image, _merge, _eval, _quickstart, _export, _serve,
+COMMANDS = [_params, _data, _train, _sweep, _lr_find, _generate, _generate_image, _merge, _eval, _quickstart, _export, _serve,
             _check_adapter]
 
 

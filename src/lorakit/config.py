@@ -234,7 +234,11 @@ class TrackConfig:
 
 @dataclass
 class RunConfig:
-    """The whole tree; ``OUTPUT/config.yaml`` holds it resolved."""
+    """The whole tree; ``OUTPUT/config.yaml`` holds it resolved. A YAML file may also hold the top-level keys
+    in ``OTHER_KEYS``: read by another command (``sweep:``, ``lorakit sweep``'s search space, track/space.py),
+    passed over by ``load_config``, so one file serves ``lorakit train`` and ``lorakit sweep``."""
+
+    OTHER_KEYS: typing.ClassVar[tuple[str, ...]] = ("sweep",)
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -280,6 +284,43 @@ class ServeRunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+OBJECTIVES = {"eval_loss": "minimize", "eval_ppl": "minimize", "eval_accuracy": "maximize",
+              "eval_exact_match": "maximize", "eval_f1": "maximize"}  # what an eval record holds; the usual way
+
+
+@dataclass
+class SweepConfig:
+    """``lorakit sweep``: the study's own options (the trials' fixed part is a RunConfig; its space, a config
+    file's ``sweep:`` key, track/space.py)."""
+
+    trials: int = _opt(20, "finished (complete or pruned) trials the study should hold; those already in it "
+                       "count, so rerunning the command resumes a sweep", valid=AT_LEAST_ONE)
+    storage: str = _opt("", "Optuna storage: an RDB URL (postgresql://, mysql://, sqlite:///) shared by workers on "
+                        "many machines, or a journal file path (default: OUTPUT/study.journal)")
+    study_name: str = _opt("", "the study in --storage (default: the --output folder's name)")
+    n_jobs: int = _opt(1, "worker processes on this machine, sharing the study", valid=AT_LEAST_ONE)
+    timeout: float = _opt(0.0, "stop starting trials after this many seconds (0: no limit)", valid=NON_NEGATIVE)
+    objective: str = _opt("eval_loss", f"the eval metric to optimize: {', '.join(OBJECTIVES)} (eval_exact_match "
+                          "and eval_f1 need --eval-generate)")
+    direction: str = _opt("", "minimize or maximize (default: the objective's usual one)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "sweep")
+        if self.objective not in OBJECTIVES:
+            raise LorakitError(f"--objective {self.objective!r}: not an eval metric; choose one of "
+                               f"{', '.join(OBJECTIVES)}")
+        if self.direction not in ("", "minimize", "maximize"):
+            raise LorakitError(f"--direction must be minimize or maximize, got {self.direction!r}")
+        self.direction = self.direction or OBJECTIVES[self.objective]
+
+
+@dataclass
+class SweepRunConfig:
+    """What ``lorakit sweep`` reads besides the trials' RunConfig: its own flags."""
+
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --- generic machinery: flags, YAML, validation -------------------------------------------------
@@ -440,7 +481,7 @@ def _did_you_mean_in(key: str, section: str, sections: dict[str, type]) -> str:
     return _did_you_mean(key, [f.name for f in dataclasses.fields(sections[section])])
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """1-based line of each top-level key and each key one level down: ``{("train", "lr"): 4}``."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     lines: dict[tuple[str, ...], int] = {}
@@ -487,7 +528,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise LorakitError(f"{p}:{(line or 0) + 1}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(raw, dict):
             raise LorakitError(f"{p}: expected a mapping of config keys at top level")
-        lines = _key_lines(text)
+        lines = key_lines(text)
         flat = [name.replace("-", "_") for name in leaves] + list(sections)
         for key, value in raw.items():
             at = f"{p}:{lines.get((str(key),), 1)}"
@@ -500,6 +541,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                         problems.append(f"{sub_at}: unknown key {key}.{k}{_did_you_mean_in(str(k), key, sections)}")
                         continue
                     put(key, names[k], hints[k], v, f"{sub_at}: {key}.{k}")
+            elif key in getattr(root, "OTHER_KEYS", ()):
+                continue
             elif str(key).replace("_", "-") in leaves:
                 section, f, tp = leaves[str(key).replace("_", "-")]
                 put(section, f, tp, value, f"{at}: {key}")
@@ -524,6 +567,44 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if problems:
         raise LorakitError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
     return root(**built)
+
+
+def replace_options(cfg: Any, values: dict[str, Any]) -> Any:
+    """``cfg`` with options replaced by flag name (``{"lr": 1e-3, "r": 8}``), each checked as a flag would be
+    (type, declared range, the section's own checks)."""
+    leaves = _leaf_fields(type(cfg))
+    changes: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        key = name.replace("_", "-")
+        if key not in leaves:
+            raise LorakitError(f"unknown option --{key}{_did_you_mean(key, list(leaves))}")
+        section, f, tp = leaves[key]
+        value = _coerce(value, tp, f"--{key}")
+        problem = range_problem(f, value)
+        if problem:
+            raise LorakitError(f"--{key} {problem}")
+        changes.setdefault(section, {})[f.name] = value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()})
+
+
+def option_field(name: str, root: type = RunConfig) -> tuple[str, dataclasses.Field, Any] | None:
+    """(section, field, type) of the option whose flag is ``--name`` (``weight_decay`` or ``weight-decay``)."""
+    return _leaf_fields(root).get(name.replace("_", "-"))
+
+
+def option_names(root: type = RunConfig) -> list[str]:
+    """Every option's flag name without dashes (``lr``, ``weight-decay``, ...)."""
+    return list(_leaf_fields(root))
+
+
+def parse_value(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the type ``tp`` as a flag's or YAML value is (CLI strings parsed)."""
+    return _coerce(value, tp, where)
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``known`` to ``key``, else ``""``."""
+    return _did_you_mean(key, known)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

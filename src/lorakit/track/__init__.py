@@ -1,2 +1,3 @@
-"""Watching and steering runs: experiment tracking with MLflow (``mlflow.py``) and its loss-curve plot
-(``plots.py``). MLflow is imported only when a run is tracked."""
+"""Watching and steering runs from outside the loop: experiment tracking with MLflow (``mlflow.py``) and its
+loss-curve plot (``plots.py``), sweeps (``sweep.py``, Optuna), the LR range test (``lr_find.py``). MLflow and
+Optuna are imported only when used."""
