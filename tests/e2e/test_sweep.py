@@ -34,7 +34,10 @@ def study_trials(output: Path) -> list[dict]:
     return json.loads((output / "summary.json").read_text())["trials"]
 
 
-def test_six_trials_pruned_and_best_config_trains(task, tmp_path, capsys):
+def test_six_trials_pruned_and_best_config_trains(task, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAKIT_TRACK", "1")  # MLflow on (the suite turns it off), into a store of this test
+    store = "sqlite:///" + str(tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     output = tmp_path / "sweep"
     code, err = in_process(capsys, *sweep_args(task, output, "--trials", "6"))
     assert code == 0, err
@@ -54,6 +57,19 @@ def test_six_trials_pruned_and_best_config_trains(task, tmp_path, capsys):
     best = summary["best"]
     complete = [t for t in trials if t["state"] == "complete"]
     assert best["value"] == min(t["value"] for t in complete)
+
+    # one MLflow run for the sweep, the six trials' runs nested under it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    parents = client.search_runs(client.get_experiment_by_name("lorakit").experiment_id,
+                                 "tags.`lorakit.sweep.study` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([parents[0].info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == [f"trial-{i:04d}" for i in range(6)]
+    assert parents[0].data.metrics["best_eval_loss"] == pytest.approx(best["value"])
+    monkeypatch.setenv("LORAKIT_TRACK", "0")
 
     # the best config trains unchanged, and computes the best trial's eval loss again
     code, err = in_process(capsys, "train", output / "best.yaml")

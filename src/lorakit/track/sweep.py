@@ -87,6 +87,7 @@ class Sweep:
     study_name: str
     storage: str  # the URL or journal path, as given (shown with the password hidden)
     notes: list[str]  # what the sweep settled for the user (printed once the storage is open)
+    parent_run_id: str = ""  # the sweep's MLflow run, each trial's run nested under it ("" untracked)
 
 
 def prepare(cfg: RunConfig, options: SweepConfig, space: tuple[Dimension, ...] | None, fixed: set[str]) -> Sweep:
@@ -140,12 +141,18 @@ def run_sweep(sweep: Sweep, worker_argv: list[str] | None = None) -> dict[str, A
         storage = JournalStorage(JournalFileBackend(sweep.storage, lock_obj=JournalFileOpenLock(sweep.storage)))
     write_atomic(sweep.output / SWEEP_FILE, lambda p: p.write_text(json.dumps(
         {"study_name": sweep.study_name, "storage": _shown(sweep.storage)}, indent=1) + "\n"))
-    study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction=sweep.options.direction,
-                                sampler=_sampler(sweep.cfg.train.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-                                load_if_exists=True)
+    sampler = _sampler(sweep.cfg.train.seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    try:
+        study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction=sweep.options.direction,
+                                    sampler=sampler, pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:  # a rerun, or another worker's study
+        study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler, pruner=pruner)
+        created = False
     _check_same_study(study, sweep)
     _fail_dead_trials(study)
+    sweep.parent_run_id = parent_run(study, sweep, created)
     workers = []
     if sweep.options.n_jobs > 1 and worker_argv is not None:
         cmd = [sys.executable, "-m", "lorakit", *worker_argv, "--n-jobs", "1"]
@@ -200,7 +207,8 @@ def _trial(trial: Any, sweep: Sweep) -> float:
     options = trial_options(sweep.space, trial, sweep.cfg)
     resume_from = trial.user_attrs.get("resume_from")
     output = Path(resume_from) if resume_from else sweep.output / f"trial-{trial.number:04d}"
-    cfg = replace_options(sweep.cfg, {**options, "output": str(output), "resume": bool(resume_from)})
+    nested = {"parent-run-id": sweep.parent_run_id} if sweep.parent_run_id else {}
+    cfg = replace_options(sweep.cfg, {**options, "output": str(output), "resume": bool(resume_from), **nested})
     trial.set_user_attr("options", options)
     trial.set_user_attr("output", str(output))
     print(f"sweep: trial {trial.number}: " + _options_text(options), file=sys.stderr, flush=True)
@@ -306,6 +314,8 @@ def _check_same_study(study: Any, sweep: Sweep) -> None:
             raise LorakitError(f"study {sweep.study_name!r} was started with another {key} ({known.get(key)}); "
                                "run the same command to continue it, or use a new --study-name")
     for section, values in mine["base"].items():
+        if section == "track":  # where the record goes, not what is searched
+            continue
         for name, value in values.items():
             before = known["base"].get(section, {}).get(name)
             if before != value and name not in ("threads", "output", "resume", "overwrite"):
@@ -382,6 +392,93 @@ def _sampler(seed: int) -> Any:
     return TrialSeeded()
 
 
+# --- MLflow: the sweep's parent run ------------------------------------------------------------------
+
+
+PARENT_ATTR = "mlflow_parent_run_id"  # a study user attr: one parent run for all the study's workers
+
+
+def parent_run(study: Any, sweep: Sweep, created: bool) -> str:
+    """The id of the sweep's MLflow run, each trial's run nested under it, in the store and experiment the
+    trials use (``track/mlflow.py``); "" when runs are not tracked (``--no-track``, ``LORAKIT_TRACK=0``) or
+    the store fails (one warning line: the sweep goes on untracked). The worker that created the study
+    creates the run; the others (started at once) wait a moment for its id."""
+    from lorakit.track.mlflow import MLflowCallback
+    from lorakit.train.loop import default_callbacks
+
+    if not any(isinstance(c, MLflowCallback) for c in default_callbacks(sweep.cfg)):
+        return ""
+    for _ in range(0 if created else 40):
+        known = study.user_attrs.get(PARENT_ATTR)
+        if known is not None:
+            break
+        time.sleep(0.25)
+    if study.user_attrs.get(PARENT_ATTR):
+        return study.user_attrs[PARENT_ATTR]
+    run_id = _tracking("not tracked in MLflow", lambda: _create_parent(sweep))
+    study.set_user_attr(PARENT_ATTR, run_id or "")
+    return run_id or ""
+
+
+def _create_parent(sweep: Sweep) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from lorakit.track.mlflow import experiment_id, run_link, tracking_uri
+
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp = experiment_id(client, sweep.cfg.track.experiment, uri)
+    run = client.create_run(exp, run_name=sweep.cfg.track.run_name or sweep.study_name,
+                            tags={"mlflow.source.name": "lorakit sweep", "lorakit.sweep.study": sweep.study_name,
+                                  "lorakit.sweep.storage": _shown(sweep.storage)})
+    o = sweep.options
+    params = {"sweep.trials": o.trials, "sweep.objective": o.objective, "sweep.direction": o.direction,
+              "sweep.space": "; ".join(d.describe() for d in sweep.space)}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], synchronous=True)
+    print(f"sweep: {run_link(uri, exp, run.info.run_id)}; each trial nested under it", file=sys.stderr)
+    return run.info.run_id
+
+
+def record_summary(sweep: Sweep, summary: dict[str, Any], finished: bool) -> None:
+    """The best value and options, and the summary's files, on the parent run; finished once no trial runs."""
+
+    def record() -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, RunTag
+
+        from lorakit.track.mlflow import tracking_uri
+
+        client = MlflowClient(tracking_uri=tracking_uri())
+        best = summary["best"]
+        if best:
+            now = int(time.time() * 1000)
+            client.log_batch(sweep.parent_run_id, metrics=[Metric(f"best_{sweep.options.objective}", best["value"], now, 0)],
+                             tags=[RunTag("lorakit.sweep.best_trial", str(best["number"]))]
+                             + [RunTag(f"lorakit.sweep.best.{k}", str(v)) for k, v in best["options"].items()],
+                             synchronous=True)
+        for name in ("summary.json", "best.yaml", "lr_vs_objective.png"):
+            if (sweep.output / name).is_file():
+                client.log_artifact(sweep.parent_run_id, str(sweep.output / name))
+        if finished:
+            client.set_terminated(sweep.parent_run_id, status="FINISHED")
+
+    _tracking("the sweep's MLflow run was not updated", record)
+
+
+def _tracking(what: str, call: Any) -> Any:
+    """``call()`` with MLflow kept quiet; a failure is one warning line and None."""
+    from lorakit.track.mlflow import quiet_calls
+
+    try:
+        with quiet_calls():
+            return call()
+    except Exception as e:  # noqa: BLE001 - tracking never stops a sweep
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"warning: {what}: {reason}", file=sys.stderr, flush=True)
+        return None
+
+
 # --- the summary ---------------------------------------------------------------------------------------
 
 
@@ -423,6 +520,8 @@ def summarize(study: Any, sweep: Sweep) -> dict[str, Any]:
         summary["plot"] = str(plot)
         print(f"learning rate vs {objective}: {plot}")
     write_atomic(sweep.output / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1) + "\n"))
+    if sweep.parent_run_id:
+        record_summary(sweep, summary, finished=not any(t.state == TrialState.RUNNING for t in trials))
     return summary
 
 
