@@ -84,7 +84,7 @@ def quickstart_images(config: str = CONFIG, output: str = "runs/quickstart-image
     report = {
         "config": config, "model": cfg.model.name_or_path, "data": cfg.data.train, "style": style,
         "trigger_word": trigger, "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
-        "r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules,
+        "r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": target_names(run),
         "scales": list(SCALES), "seeds": list(SEEDS), "prompts": len(prompts), "sample_steps": STEPS,
         "guidance": GUIDANCE, "palette": spec["palette"], "radius": radius,
         "score_with_trigger": scores["trigger"], "score_without_trigger": scores["plain"],
@@ -104,6 +104,12 @@ def quickstart_images(config: str = CONFIG, output: str = "runs/quickstart-image
     write_report(out, report, render(report))
     print(f"report: {out / 'report.md'}; grid: {out / 'grid.png'}; plot: {out / 'style_score.png'}", file=sys.stderr)
     return report
+
+
+def target_names(run: Path) -> list[str]:
+    """The layer names the adapter covers ("to_q", "to_out.0"), from the module paths its PEFT config lists."""
+    paths = json.loads((run / "adapter_config.json").read_text())["target_modules"]
+    return sorted({".".join(p.split(".")[-2:]) if p.split(".")[-1].isdigit() else p.split(".")[-1] for p in paths})
 
 
 def generate_all(pipeline: str, adapter: Path, prompts: list[str], trigger: str, palette, radius: float):
@@ -179,7 +185,7 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", f"Style score: share of pixels within {report['radius']} (RGB distance, channels in [0, 1]) of the "
               f"palette {', '.join(report['palette'])}; mean over {report['prompts']} held-out prompts × "
               f"{len(report['seeds'])} seeds, {report['sample_steps']} steps, guidance {report['guidance']:g}.",
-              f"LoRA r={report['r']} alpha={report['alpha']:g} on {report['target_modules']}: {t:,} trainable of "
+              f"LoRA r={report['r']} alpha={report['alpha']:g} on {', '.join(report['target_modules'])}: {t:,} trainable of "
               f"{report['total_params']:,} parameters ({t / report['total_params']:.2%}); {report['steps']} steps × "
               f"{report['batch_size']} images, lr {report['lr']:g}; final loss {report['final_loss']:.4f}.",
               f"Training: {report['train_wall_s']:.0f} s wall, {report['train_cpu_s']:.0f} s CPU, "
