@@ -168,6 +168,13 @@ class TrainConfig:
                              valid=NON_NEGATIVE)
     patience: int = _opt(0, "early stopping: evals without validation-loss improvement (0: off)",
                            valid=NON_NEGATIVE)
+    # off by default: text-format validation data has no answers, and greedy decoding costs what the answers'
+    # length and the model's size make it (seconds per eval on a 135M model on CPU), unlike eval_loss
+    eval_generate: int = _opt(0, "at every eval, greedy answers to the first K validation records: their exact "
+                              "match and token F1 are logged as eval_exact_match and eval_f1 (text task only: the "
+                              "image task ignores it; 0: off)", valid=NON_NEGATIVE)
+    keep_best: bool = _opt(True, "publish the weights of the best evaluation (lowest eval_loss), not the last "
+                           "step's; kept in OUTPUT/best while training. Applies when there is validation data")
     log_every: int = _opt(1, "write a metrics.jsonl record every N steps", valid=AT_LEAST_ONE)
     seed: int = _opt(0, "random seed (data order, init, dropout)", valid=NON_NEGATIVE)
     resume: bool = _opt(False, "continue from the newest complete checkpoint in --output")

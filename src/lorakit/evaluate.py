@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,9 +30,9 @@ from lorakit.errors import LorakitError
 from lorakit.generate import chat_prompt, chat_stop, encode_prompt
 from lorakit.lora import disable_adapters, lora_layers
 
-__all__ = ["Prediction", "Report", "compare_with_base", "contains_answer", "evaluate_model", "exact_match",
-           "generate_answers", "knowledge", "load_eval_records", "load_knowledge", "perplexity", "predict",
-           "prompts_and_references"]
+__all__ = ["Prediction", "Report", "answer_scores", "compare_with_base", "contains_answer", "evaluate_model",
+           "exact_match", "generate_answers", "knowledge", "load_eval_records", "load_knowledge", "perplexity",
+           "predict", "prompts_and_references", "token_f1"]
 
 
 @dataclass
@@ -43,6 +45,40 @@ class Prediction:
     def correct(self) -> bool:
         """Exact match after stripping surrounding whitespace (case and inner spacing count)."""
         return self.output.strip() == self.reference.strip()
+
+    @property
+    def f1(self) -> float:
+        return token_f1(self.output, self.reference)
+
+
+def _words(text: str) -> list[str]:
+    """SQuAD's answer normalization (Rajpurkar et al. 2016, its official evaluation script): lower case, no
+    punctuation, no articles (a, an, the), split on whitespace."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def token_f1(output: str, reference: str) -> float:
+    """SQuAD's token F1: the harmonic mean of the precision and recall of the words ``output`` shares with
+    ``reference`` (counted as multisets, after ``_words``); 1 when both have no words, 0 when one has none.
+    An exact match scores 1; "forty two" against "The answer is forty two." scores 2·(1·0.5)/(1+0.5) = 2/3."""
+    out, ref = _words(output), _words(reference)
+    if not out or not ref:
+        return float(out == ref)
+    shared = sum((Counter(out) & Counter(ref)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(out), shared / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(predictions: list[Prediction]) -> dict[str, float]:
+    """``{"exact_match", "f1"}``: each the mean over ``predictions``."""
+    n = max(len(predictions), 1)
+    return {"exact_match": sum(p.correct for p in predictions) / n, "f1": sum(p.f1 for p in predictions) / n}
 
 
 # --- examples -------------------------------------------------------------------------------------

@@ -109,7 +109,8 @@ def test_output_folder_holds_exactly_the_run(run, task):
     assert {p.name for p in run.iterdir()} == ADAPTER_FILES | {"config.yaml", "metrics.jsonl", "checkpoints"}
     # keep_last 2 of the checkpoints written at steps 2, 4, ... 12
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-12"]
-    assert {p.name for p in (run / "checkpoints" / "step-12").iterdir()} == CHECKPOINT_FILES
+    # with validation data, keep-best (the default): each checkpoint also holds the best result so far
+    assert {p.name for p in (run / "checkpoints" / "step-12").iterdir()} == CHECKPOINT_FILES | {"best"}
     state = json.loads((run / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     # 24 micro-batches at 6 per epoch: the stream stands at the end of epoch 3 (0-based)
     assert state["step"] == 12 and (state["epoch"], state["batch_index"]) == (3, 6)

@@ -14,11 +14,14 @@ from lorakit.data.formats import to_segments
 from lorakit.data.tokenize import collate, pad_token_id, tokenize_records
 from lorakit.errors import LorakitError
 from lorakit.evaluate import (
+    Prediction,
+    answer_scores,
     compare_with_base,
     exact_match,
     perplexity,
     predict,
     prompts_and_references,
+    token_f1,
 )
 from tests.e2e.test_train import ANSWER, build_tiny_model
 
@@ -185,3 +188,16 @@ def test_eval_command_prints_base_and_adapter(folder, tmp_path, capsys):
 
     assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: data file not found" in capsys.readouterr().err
+
+
+def test_token_f1_and_exact_match_on_known_answers():
+    # SQuAD's normalization: case, punctuation and articles do not count
+    assert token_f1("the Answer is forty-two!", "answer is fortytwo") == 1.0
+    # "forty two" vs "answer is forty two": 2 shared words, precision 2/2, recall 2/4 -> F1 2/3
+    assert token_f1("forty two", ANSWER) == pytest.approx(2 / 3)
+    # "two two two" vs "forty two": 1 shared (multiset), precision 1/3, recall 1/2 -> F1 0.4
+    assert token_f1("two two two", "forty two") == pytest.approx(0.4)
+    assert token_f1("seven", ANSWER) == 0.0 and token_f1("", "") == 1.0 and token_f1("a", "seven") == 0.0
+    predictions = [Prediction("p", ANSWER, ANSWER), Prediction("p", ANSWER, " " + ANSWER + "\n"),
+                   Prediction("p", ANSWER, "forty two"), Prediction("p", ANSWER, "seven")]
+    assert answer_scores(predictions) == {"exact_match": 0.5, "f1": pytest.approx((1 + 1 + 2 / 3 + 0) / 4)}

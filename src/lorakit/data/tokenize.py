@@ -265,6 +265,27 @@ def _tokenize_all(records: list[dict], fmt: str, tokenizer: Any, cfg: DataConfig
     return pack(kept, cfg.seq_len) if cfg.packing else kept
 
 
+def split_records(cfg: DataConfig, seed: int = 0) -> tuple[list[dict], list[dict], str]:
+    """(training records, validation records, their format), checked, before tokenization: validation is
+    ``cfg.val``, else a ``seed``-shuffled ``cfg.val_fraction`` of the training file, else empty."""
+    train_records, fmt = valid_records(cfg.train, cfg.format)
+    if cfg.val:
+        val_records, _ = valid_records(cfg.val, fmt)
+    elif cfg.val_fraction > 0:
+        order = list(range(len(train_records)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(cfg.val_fraction * len(order)))
+        if n_val >= len(order):
+            raise LorakitError(f"--val-fraction {cfg.val_fraction} leaves no training data "
+                               f"out of {len(order)} records")
+        held = set(order[:n_val])
+        val_records = [r for i, r in enumerate(train_records) if i in held]
+        train_records = [r for i, r in enumerate(train_records) if i not in held]
+    else:
+        val_records = []
+    return train_records, val_records, fmt
+
+
 def load_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None,
                   seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train and validation examples (``{"input_ids", "labels"}`` lists) from ``cfg``.
@@ -283,22 +304,7 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None
         tensors = load_file(str(cached))
         return _from_tensors("train", tensors), _from_tensors("val", tensors)
 
-    train_records, fmt = valid_records(cfg.train, cfg.format)
-    if cfg.val:
-        val_records, _ = valid_records(cfg.val, fmt)
-    elif cfg.val_fraction > 0:
-        order = list(range(len(train_records)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(cfg.val_fraction * len(order)))
-        if n_val >= len(order):
-            raise LorakitError(f"--val-fraction {cfg.val_fraction} leaves no training data "
-                               f"out of {len(order)} records")
-        held = set(order[:n_val])
-        val_records = [r for i, r in enumerate(train_records) if i in held]
-        train_records = [r for i, r in enumerate(train_records) if i not in held]
-    else:
-        val_records = []
-
+    train_records, val_records, fmt = split_records(cfg, seed)
     train = _tokenize_all(train_records, fmt, tokenizer, cfg, cfg.train)
     if not train:
         raise LorakitError(f"{cfg.train}: no example has a response token within --seq-len {cfg.seq_len}")

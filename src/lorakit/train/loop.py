@@ -36,6 +36,7 @@ from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.device import peak_rss_bytes
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.fileio import write_atomic
+from lorakit.train.best import publish_best, restore_best, save_best, with_best
 from lorakit.train.callbacks import Callback, StopTraining
 from lorakit.train.checkpoint import (
     complete_checkpoints,
@@ -46,12 +47,13 @@ from lorakit.train.checkpoint import (
 from lorakit.train.distributed import Distributed
 from lorakit.train.distributed import setup as setup_distributed
 from lorakit.train.optim import build_optimizer, lr_at
+from lorakit.train.overfit import OverfitWatch
 from lorakit.train.stop import StopSignals
 from lorakit.train.task import Task, build_task
 
 # Settings a resumed run may change: they do not alter the weights computed up to the checkpoint.
 RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "epochs", "save_every", "keep_last", "eval_every",
-                     "patience", "log_every", "threads", "strategy", "dist_timeout"}
+                     "patience", "log_every", "threads", "strategy", "dist_timeout", "eval_generate"}
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainResult:
     stopped: str  # "done", "early_stopping", or the reason a callback gave (StopTraining)
     peak_rss_bytes: int | None = None  # this process's peak resident memory (None where unknown)
     peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation (None on CPU)
+    best_step: int | None = None  # the step of the lowest eval_loss (None without validation data)
+    best_eval_loss: float | None = None  # that eval_loss; with keep_best, the published weights are that step's
 
 
 class BatchStream:
@@ -168,8 +172,8 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_batches / t.grad_accum))
 
     # --- the output folder: fresh, or restored to the newest checkpoint (rank 0 writes) ----------------
-    state = {"step": 0, "epoch": 0, "batch_index": 0, "best_eval_loss": None, "bad_evals": 0,
-             "world_size": dist.world_size}
+    state = {"step": 0, "epoch": 0, "batch_index": 0, "best_eval_loss": None, "best_step": None, "bad_evals": 0,
+             "overfit": {}, "world_size": dist.world_size}
     if overwrite and output.exists() and dist.is_main:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -178,17 +182,20 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
         write_atomic(output / "config.yaml", lambda p: save_config(saved, p))
     if checkpoint is not None:
         with dist.loading(model, optimizer):
-            state = load_checkpoint(checkpoint, model, optimizer, dist.rank)
+            state = {**state, **load_checkpoint(checkpoint, model, optimizer, dist.rank)}  # older ones lack keys
         if state.get("world_size", 1) != dist.world_size:
             raise dist.error(f"{checkpoint}: written by {state.get('world_size', 1)} processes, resumed by "
                              f"{dist.world_size}: the global batch would change; resume with as many processes")
-        if dist.is_main:  # the log as of the checkpoint: records of steps after it are recomputed
+        if dist.is_main:  # the log and the best result as of the checkpoint: steps after it are recomputed
             write_atomic(output / "metrics.jsonl", lambda p: shutil.copyfile(checkpoint / "metrics.jsonl", p))
+            restore_best(checkpoint, output)
             print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
     elif dist.is_main:
         write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
     stream = BatchStream(task, t.batch_size, state["epoch"], state["batch_index"], dist)
     metrics = open(output / "metrics.jsonl" if dist.is_main else os.devnull, "a")  # rank 0 logs
+    overfit = OverfitWatch(state.setdefault("overfit", {}))
+    save_result = with_best(task.save_result, output)  # a checkpoint carries the best result so far too
 
     halt: list[str] = []  # a hook's StopTraining reason: the run ends after this step
 
@@ -242,6 +249,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, loss = step + 1, step_loss
+        overfit.step(loss)
 
         if step % t.log_every == 0 or step == total_steps:
             now = time.perf_counter()
@@ -257,9 +265,18 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
                 eval_loss = result["eval_loss"]
                 log({"step": step, **result})
                 if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
-                    state["best_eval_loss"], state["bad_evals"] = eval_loss, 0
+                    state.update(best_eval_loss=eval_loss, best_step=step, bad_evals=0)
+                    if t.keep_best:
+                        with dist.saving(model, optimizer):  # every rank: FSDP gathers; rank 0 writes
+                            if dist.is_main:
+                                save_best(task.save_result, output, step, eval_loss)
                 else:
                     state["bad_evals"] += 1
+                warning = overfit.evaluated(step, eval_loss)
+                if warning is not None:
+                    log(warning)
+                    if dist.is_main:
+                        print(f"lorakit: warning: {warning['message']}", file=sys.stderr, flush=True)
                 if t.patience and state["bad_evals"] >= t.patience:
                     stopped = "early_stopping"
         if dist.any_rank(bool(halt)):  # a hook (on rank 0) asked to stop: every rank stops at this step
@@ -270,7 +287,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
             metrics.flush()
             with dist.saving(model, optimizer) as rng:  # every rank: FSDP gathers, each rank's RNG state
                 if dist.is_main:
-                    save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last, rng)
+                    save_checkpoint(output, model, optimizer, state, save_result, t.keep_last, rng)
         if stopped != "done":
             break
         if dist.any_rank(stop.received is not None) and step < total_steps:  # all ranks stop at one step
@@ -278,7 +295,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
                 metrics.flush()
                 with dist.saving(model, optimizer) as rng:
                     if dist.is_main:
-                        save_checkpoint(output, model, optimizer, state, task.save_result, t.keep_last, rng)
+                        save_checkpoint(output, model, optimizer, state, save_result, t.keep_last, rng)
             metrics.close()
             progress.close()  # before the message: the progress line is not drawn again after it
             raise Interrupted(f"interrupted ({stop.name or 'on another rank'}) at step {step} of {total_steps}: "
@@ -288,9 +305,13 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
 
     metrics.close()
     progress.close()
+    best = state["best_step"] if t.keep_best else None  # the published weights: the best eval's, or the last
     with dist.saving(model, optimizer):
         if dist.is_main:
-            publish_files(task.save_result, output)
+            if best is not None:
+                publish_best(output)
+            else:
+                publish_files(task.save_result, output)
     note = f" ({stopped.replace('_', ' ')})" if stopped != "done" else ""
     peak = peak_rss_bytes()
     device = next(model.parameters()).device
@@ -298,11 +319,14 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
     if dist.is_main:
         print(f"trained {step} steps{note}; " + (f"loss {loss:.4f}; " if loss is not None else "")
               + (f"eval_loss {eval_loss:.4f}; " if eval_loss is not None else "")
+              + (f"published the best eval (step {best}, eval_loss {state['best_eval_loss']:.4f}); "
+                 if best is not None else "")
               + (f"peak RSS {peak / 2**20:.1f} MiB; " if peak is not None else "")
               + (f"peak GPU memory {peak_gpu / 2**20:.1f} MiB; " if peak_gpu is not None else "")
               + f"saved to {output}")
     result = TrainResult(output=output, steps=step, loss=loss, eval_loss=eval_loss, stopped=stopped,
-                         peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu)
+                         peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu, best_step=state["best_step"],
+                         best_eval_loss=state["best_eval_loss"])
     for hook in hooks:
         hook.on_end(result)
     return result

@@ -20,8 +20,10 @@ from torch import nn
 
 from lorakit.config import RunConfig
 from lorakit.data import collate, length_grouped_batches, load_datasets
-from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id
+from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id, split_records
 from lorakit.device import data_cache_dir
+from lorakit.errors import LorakitError
+from lorakit.evaluate import answer_scores, predict
 from lorakit.lora import add_lora, save_adapter
 from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve_model_path
 from lorakit.train import fastpath, precision
@@ -46,6 +48,7 @@ class CausalLMTask:
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.train_set, self.val_set = load_datasets(cfg.data, self.tokenizer, data_cache_dir(), seed=t.seed)
         self.pad_id = pad_token_id(self.tokenizer)
+        self.answer_records, self.answer_format = self._answer_records(t.eval_generate) if self.val_set else ([], "")
         self.model = model = load_model(cfg.model, full_training=t.method == "full")
         if t.method == "lora":
             add_lora(model, cfg.lora)
@@ -70,6 +73,16 @@ class CausalLMTask:
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision="bf16" if self.bf16 else "fp32"))
         loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
         print(f"step: {layers}; {loss}; precision {why}", file=sys.stderr)
+
+    def _answer_records(self, k: int) -> tuple[list[dict], str]:
+        """(the first ``k`` validation records, their format): what ``--eval-generate`` answers at each eval."""
+        if k == 0:
+            return [], ""
+        _, records, fmt = split_records(self.cfg.data, self.cfg.train.seed)
+        if fmt == "text":
+            raise LorakitError(f"--eval-generate {k}: the validation records are plain text, with no answer to "
+                               "compare with; use alpaca, chat or prompt_completion data, or --eval-generate 0")
+        return records[:k], fmt
 
     def _probe_batches(self) -> list[list[int]]:
         """Two micro-batches of epoch 0 for the precision probe: those at the median and the 90th percentile
@@ -133,8 +146,13 @@ class CausalLMTask:
     def evaluate(self) -> dict[str, float] | None:
         if not self.val_set:
             return None
-        return evaluate(self.model, self.val_set, self.cfg.train.batch_size, self.pad_id, self.bf16, self.head,
-                        self.pad_multiple)
+        metrics = evaluate(self.model, self.val_set, self.cfg.train.batch_size, self.pad_id, self.bf16, self.head,
+                           self.pad_multiple)
+        if self.answer_records:
+            # greedy, so nothing random is drawn: a resumed run logs the same numbers
+            predictions = predict(self.model, self.tokenizer, self.answer_records, fmt=self.answer_format)
+            metrics.update({f"eval_{k}": v for k, v in answer_scores(predictions).items()})
+        return metrics
 
     def save_result(self, folder: Path) -> None:
         """A PEFT adapter for lora; for full, a model folder any HF loader reads."""

@@ -1,0 +1,153 @@
+"""Continuous evaluation in `lorakit train`: --eval-generate metrics at every eval, the overfitting warning, and
+--keep-best publishing the best eval's adapter (also across a resume after SIGKILL).
+
+The constructed case: the model is taught one answer while the validation records hold another text, so the
+validation loss falls for a few steps (the shared format: end of answer) and then rises as the taught answer
+takes the probability mass, while the training loss keeps falling. LoRA on the output head too, so the tiny
+model learns within 16 steps; fp32, so the numbers do not depend on a timing probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.config import load_config
+from lorakit.train.loop import TrainResult, train
+from tests.e2e.test_train import build_tiny_model, records, write_task
+
+OTHER = "hello world, the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("keep_best")
+    val = root / "val.jsonl"
+    val.write_text("".join(json.dumps({"instruction": f"Question {i}: what is the answer?", "output": OTHER}) + "\n"
+                           for i in (100, 101)))
+    return {"model": build_tiny_model(root / "model"), "train": write_task(root / "train.jsonl", 24), "val": val}
+
+
+def flags(case: dict[str, Path], output: Path, **extra: str | bool) -> dict[str, str | bool]:
+    return {"model": str(case["model"]), "data": str(case["train"]), "val_data": str(case["val"]),
+            "output": str(output), "max_steps": "16", "lr": "5e-3", "batch_size": "4", "seq_len": "64",
+            "target": "lm_head,q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "precision": "fp32",
+            "eval_every": "2", "eval_generate": "2", "save_every": "2", "keep_last": "0", "threads": "1", **extra}
+
+
+def cli_args(values: dict[str, str | bool]) -> list[str]:
+    out = ["train"]
+    for key, value in values.items():
+        flag = key.replace("_", "-")
+        out += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", value]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(case, tmp_path_factory) -> tuple[Path, TrainResult, str]:
+    """(output, result, stderr and stdout) of one uninterrupted run, in this process."""
+    output = tmp_path_factory.mktemp("run") / "out"
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(err):
+        result = train(load_config(None, flags(case, output)))
+    return output, result, err.getvalue()
+
+
+def evals(output: Path) -> list[dict]:
+    return [r for r in records(output) if "eval_loss" in r]
+
+
+def test_every_eval_logs_exact_match_and_f1(run):
+    output, _, _ = run
+    found = evals(output)
+    assert [r["step"] for r in found] == list(range(2, 17, 2))
+    for r in found:
+        assert 0.0 <= r["eval_exact_match"] <= 1.0 and 0.0 <= r["eval_f1"] <= 1.0
+    assert all(r["eval_exact_match"] == 0.0 for r in found)  # it never says OTHER, the validation answer
+
+
+def test_overfitting_is_warned_once_with_step_and_gap(run):
+    output, result, stderr = run
+    found = evals(output)
+    # the constructed case: eval loss falls, then rises; the train loss keeps falling
+    losses = [r["eval_loss"] for r in found]
+    best = losses.index(min(losses))
+    assert 0 < best < len(losses) - 2 and losses[-1] > losses[best]
+    events = [r for r in records(output) if r.get("event") == "overfitting"]
+    assert len(events) == 1
+    event = events[0]
+    # the first eval that ends two rises in a row: the warning's step
+    rises = [i for i in range(2, len(losses)) if losses[i - 2] < losses[i - 1] < losses[i]]
+    assert event["step"] == found[rises[0]]["step"]
+    train = [r["loss"] for r in records(output) if "loss" in r and event["step"] - 2 < r["step"] <= event["step"]]
+    assert event["gap"] == pytest.approx(found[rises[0]]["eval_loss"] - sum(train) / len(train), rel=1e-9)
+    warnings = [line for line in stderr.splitlines() if "overfitting" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"lorakit: warning: step {event['step']}: overfitting")
+    assert f"gap eval_loss - train loss {event['gap']:.4f}" in warnings[0]
+
+
+def test_the_published_adapter_is_the_best_steps(run):
+    output, result, stderr = run
+    found = evals(output)
+    best = min(found, key=lambda r: r["eval_loss"])
+    published = load_file(output / "adapter_model.safetensors")
+    at_best = load_file(output / "checkpoints" / f"step-{best['step']}" / "adapter_model.safetensors")
+    last = load_file(output / "checkpoints" / "step-16" / "adapter_model.safetensors")
+    assert published.keys() == at_best.keys()
+    assert all(torch.equal(published[k], at_best[k]) for k in published)
+    assert not all(torch.equal(published[k], last[k]) for k in published)
+    assert (result.best_step, result.best_eval_loss) == (best["step"], best["eval_loss"])
+    assert result.eval_loss == found[-1]["eval_loss"] and result.stopped == "done"
+    assert f"published the best eval (step {best['step']}, eval_loss {best['eval_loss']:.4f})" in stderr
+    assert not (output / "best").exists()  # published; each checkpoint keeps its own best/
+    assert json.loads((output / "checkpoints" / "step-16" / "best" / "best.json").read_text())["step"] == best["step"]
+
+
+def test_keep_best_off_publishes_the_last_state(case, tmp_path):
+    output = tmp_path / "last"
+    result = train(load_config(None, flags(case, output, max_steps="8", eval_generate="0", keep_best=False)))
+    found = evals(output)
+    assert result.best_step == min(found, key=lambda r: r["eval_loss"])["step"]
+    published = load_file(output / "adapter_model.safetensors")
+    last = load_file(output / "checkpoints" / "step-8" / "adapter_model.safetensors")
+    assert all(torch.equal(published[k], last[k]) for k in published)
+    assert not (output / "checkpoints" / "step-8" / "best").exists()
+    assert all("eval_f1" not in r for r in found)
+
+
+def test_resume_after_sigkill_publishes_the_same_best_adapter(case, run, tmp_path):
+    from lorakit.cli import main
+
+    expected_output, _, _ = run
+    best = min(evals(expected_output), key=lambda r: r["eval_loss"])["step"]
+    output = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *cli_args(flags(case, output))], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:  # killed once a checkpoint after the best step is written: its best/ must carry the best adapter
+        while not (output / "checkpoints" / f"step-{best + 2}").is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (output / "adapter_model.safetensors").exists()
+
+    assert main(cli_args(flags(case, output, resume=True))) == 0
+    expected, got = load_file(expected_output / "adapter_model.safetensors"), load_file(output / "adapter_model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    def logged(output: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records(output)]
+
+    assert logged(output) == logged(expected_output)  # the same evals, and the one overfitting event
