@@ -221,23 +221,29 @@ def _merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="exact match on held-out examples and perplexity on text, base vs adapter")
+    p = sub.add_parser("eval", help="exact match, token F1 and loss on held-out examples and perplexity on text, "
+                       "base vs each adapter; --report: JSON, Markdown, self-contained HTML and PNG charts")
     p.add_argument("--model", help="base model folder or hub id (default: the one the adapter was trained on)")
-    p.add_argument("--adapter", help="adapter folder: the base is evaluated with it and without it")
-    p.add_argument("--data", help="held-out alpaca/chat/prompt_completion examples: greedy exact match")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder: the base is evaluated with it "
+                   "and without it; repeat to compare several adapters of one base")
+    p.add_argument("--data", help="held-out alpaca/chat/prompt_completion examples: greedy exact match, SQuAD "
+                   "token F1, and the loss of the reference answers")
     p.add_argument("--retain", help="text file: perplexity (forgetting, when compared with the base)")
     p.add_argument("--limit", type=int, help="use the first N examples of --data")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
                    help="answer length cap (default: the longest reference's tokens plus 4)")
-    p.add_argument("--seq-len", dest="seq_len", type=int, help="perplexity window (default: the model's context)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="perplexity window and example length cap "
+                   "(default: the model's context, at most 1024)")
     p.add_argument("--show", type=int, default=0, help="also print N example answers")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="OUT", help="write OUT/report.json, report.md, report.html (one file, "
+                   "images embedded) and PNG charts; logged to each adapter's MLflow run when it has one")
 
     def run(a: argparse.Namespace) -> int:
         from lorakit.evaluate import eval_command
 
         return eval_command(a.model, a.adapter, a.data, a.retain, a.limit, a.max_new_tokens, a.seq_len, a.show,
-                            a.json)
+                            a.json, a.report)
 
     p.set_defaults(func=run)
 

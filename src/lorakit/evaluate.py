@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.formats import CHAT_FORMATS, chat_messages, detect_file_format, read_records, to_segments
-from lorakit.data.tokenize import pad_token_id, valid_records
+from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id, tokenize_records, valid_records
 from lorakit.errors import LorakitError
 from lorakit.generate import chat_prompt, chat_stop, encode_prompt
-from lorakit.lora import disable_adapters, lora_layers
+from lorakit.lora import disable_adapters, lora_layers, set_adapter
 
-__all__ = ["Prediction", "Report", "answer_scores", "compare_with_base", "contains_answer", "evaluate_model",
+__all__ = ["Prediction", "Report", "answer_scores", "compare_adapters", "compare_with_base", "contains_answer", "evaluate_model",
            "exact_match", "generate_answers", "knowledge", "load_eval_records", "load_knowledge", "perplexity",
-           "predict", "prompts_and_references", "token_f1"]
+           "predict", "prompts_and_references", "token_f1", "data_loss"]
 
 
 @dataclass
@@ -294,35 +294,70 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int, stride
     return math.exp(nll / count)
 
 
-# --- a model's report, base vs adapter ---------------------------------------------------------------
+# --- loss on the examples ------------------------------------------------------------------------------
+
+
+def data_loss(model: nn.Module, tokenizer: Any, records: list[dict], fmt: str, seq_len: int,
+              batch_size: int = 8) -> float:
+    """Mean next-token loss over the reference answers' tokens of ``records``, tokenized (and truncated to
+    ``seq_len``) as ``lorakit train`` does: the same number as a run's ``eval_loss`` on this file."""
+    # the training task's own loss (lazy: lorakit.train.text imports this module for --eval-generate)
+    from lorakit.train.text import evaluate as label_loss
+
+    examples = [ex for ex in tokenize_records(records, fmt, tokenizer, seq_len)
+                if any(t != IGNORE_INDEX for t in ex["labels"][1:])]
+    if not examples:
+        raise LorakitError(f"no example keeps an answer token within {seq_len} tokens; raise --seq-len")
+    training = model.training
+    try:
+        return label_loss(model, examples, batch_size, pad_token_id(tokenizer), bf16=False)["eval_loss"]
+    finally:
+        model.train(training)
+
+
+# --- a model's report, base vs adapters ---------------------------------------------------------------
 
 
 @dataclass
 class Report:
-    """One model's metrics: exact match on examples and perplexity on text (None where not measured),
-    and the predictions behind the exact match."""
+    """One model's metrics (None where not measured): exact match and token F1 of greedy answers, and the
+    loss (and its perplexity) of the reference answers, on examples; perplexity on text (``--retain``). And
+    the predictions behind the exact match."""
 
     exact_match: float | None = None
+    f1: float | None = None
+    data_loss: float | None = None
     perplexity: float | None = None
     predictions: list[Prediction] = field(default_factory=list)
 
+    @property
+    def data_perplexity(self) -> float | None:
+        return math.exp(min(self.data_loss, 700.0)) if self.data_loss is not None else None
+
     def to_dict(self, examples: int = 0) -> dict[str, Any]:
-        """The metrics, and the first ``examples`` predictions as {prompt, reference, output, correct}."""
-        out: dict[str, Any] = {k: v for k, v in (("exact_match", self.exact_match),
-                                                  ("perplexity", self.perplexity)) if v is not None}
+        """The metrics, and the first ``examples`` predictions as {prompt, reference, output, correct, f1}."""
+        values = {"exact_match": self.exact_match, "f1": self.f1, "data_loss": self.data_loss,
+                  "data_perplexity": self.data_perplexity, "perplexity": self.perplexity}
+        out: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
         if examples:
-            out["examples"] = [{**asdict(p), "correct": p.correct} for p in self.predictions[:examples]]
+            out["examples"] = [{**asdict(p), "correct": p.correct, "f1": p.f1} for p in self.predictions[:examples]]
         return out
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, records: list[dict] | None = None, text: str | None = None,
                    seq_len: int = 256, max_new_tokens: int | None = None, fmt: str = "auto",
-                   batch_size: int = 64) -> Report:
-    """Exact match on ``records`` and perplexity on ``text``, for those given."""
+                   batch_size: int = 64, loss: bool = False) -> Report:
+    """Exact match and token F1 on ``records`` (with ``loss``, their reference answers' loss too) and
+    perplexity on ``text``, for those given."""
     report = Report()
     if records:
+        if fmt == "auto":
+            fmt = detect_file_format(list(enumerate(records, 1)))
         report.predictions = predict(model, tokenizer, records, max_new_tokens, fmt, batch_size)
-        report.exact_match = sum(p.correct for p in report.predictions) / len(report.predictions)
+        scores = answer_scores(report.predictions)
+        report.exact_match, report.f1 = scores["exact_match"], scores["f1"]
+        if loss:
+            report.data_loss = data_loss(model, tokenizer, records, fmt, seq_len)
     if text:
         report.perplexity = perplexity(model, tokenizer, text, seq_len)
     return report
@@ -330,51 +365,131 @@ def evaluate_model(model: nn.Module, tokenizer: Any, records: list[dict] | None 
 
 def compare_with_base(model: nn.Module, tokenizer: Any, records: list[dict] | None = None, text: str | None = None,
                       seq_len: int = 256, max_new_tokens: int | None = None, fmt: str = "auto",
-                      batch_size: int = 64) -> dict[str, Report]:
+                      batch_size: int = 64, loss: bool = False) -> dict[str, Report]:
     """``{"base": report, "adapter": report}``: the base is the same model with its adapters disabled."""
     if not any(True for _ in lora_layers(model)):
         raise LorakitError("the model has no LoRA adapter to compare with its base")
-    args = (records, text, seq_len, max_new_tokens, fmt, batch_size)
+    args = (records, text, seq_len, max_new_tokens, fmt, batch_size, loss)
     with disable_adapters(model):
         base = evaluate_model(model, tokenizer, *args)
     return {"base": base, "adapter": evaluate_model(model, tokenizer, *args)}
 
 
-def eval_command(model: str | None, adapter: str | None, data: str | None, retain: str | None,
-                 limit: int | None = None, max_new_tokens: int | None = None, seq_len: int | None = None,
-                 show: int = 0, as_json: bool = False) -> int:
-    """What ``lorakit eval`` runs: metrics for the base, and for base + adapter when one is given;
-    ``show`` prints that many example answers too."""
-    from lorakit.generate import load_for_generation
+def compare_adapters(model: nn.Module, tokenizer: Any, adapters: dict[str, str], records: list[dict] | None = None,
+                     text: str | None = None, seq_len: int = 256, max_new_tokens: int | None = None,
+                     fmt: str = "auto", batch_size: int = 64, loss: bool = False) -> dict[str, Report]:
+    """``{"base": report, name: report, ...}``: ``model`` holds every adapter of ``adapters`` ({name: folder},
+    loaded under those names); each is evaluated alone, the base with none."""
+    args = (records, text, seq_len, max_new_tokens, fmt, batch_size, loss)
+    with disable_adapters(model):
+        reports = {"base": evaluate_model(model, tokenizer, *args)}
+    for name in adapters:
+        set_adapter(model, [name])
+        reports[name] = evaluate_model(model, tokenizer, *args)
+    return reports
 
+
+def _adapter_names(adapters: list[str]) -> dict[str, str]:
+    """{name: folder}: "adapter" for one (as ``lorakit eval`` has always named it), else each folder's name,
+    with its parents' names where two folders share one (``runs/a/out``, ``runs/b/out``: ``a/out``, ``b/out``)."""
+    if len(adapters) == 1:
+        return {"adapter": adapters[0]}
+    parts = [Path(a).resolve().parts for a in adapters]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return dict(zip(names, adapters, strict=True))
+    raise LorakitError(f"--adapter {adapters[0]} is given twice")
+
+
+def _load_models(model: str | None, adapters: list[str]) -> tuple[nn.Module, Any, dict[str, str]]:
+    """(the base in eval mode with every adapter loaded under its name, the tokenizer, {name: folder}). The
+    base is ``--model``, else the one the first adapter was trained on (as trained: dtype, quantization);
+    every adapter must share it."""
+    from lorakit.lora import load_adapter
+    from lorakit.model import load_model, load_tokenizer, model_config_for, resolve_model_path
+
+    names = _adapter_names(adapters) if adapters else {}
+    cfg = model_config_for(model, adapters[0] if adapters else None)
+    for folder in adapters:
+        if not (Path(folder) / "adapter_config.json").is_file() and (Path(folder) / "config.json").is_file():
+            raise LorakitError(f"--adapter {folder}: a full model folder (from --method full), not an adapter; "
+                               f"pass it as --model {folder}")
+        trained = model_config_for(model, folder).name_or_path
+        if trained != cfg.name_or_path:
+            raise LorakitError(f"--adapter {folder}: trained on {trained}, but --adapter {adapters[0]} on "
+                               f"{cfg.name_or_path}; compare adapters of one base, or give --model")
+    tokenizer = load_tokenizer(resolve_model_path(cfg.name_or_path))
+    m = load_model(cfg)
+    for name, folder in names.items():
+        load_adapter(m, folder, name=name)
+    return m.eval(), tokenizer, names
+
+
+def eval_command(model: str | None, adapters: list[str] | None, data: str | None, retain: str | None,
+                 limit: int | None = None, max_new_tokens: int | None = None, seq_len: int | None = None,
+                 show: int = 0, as_json: bool = False, report: str | None = None) -> int:
+    """What ``lorakit eval`` runs: metrics for the base and for base + each adapter; ``show`` prints that
+    many example answers too; ``report`` writes the report files there (``lorakit.track.report``)."""
+    adapters = list(adapters or [])
     if not data and not retain:
         raise LorakitError("nothing to evaluate: give --data (exact match) and/or --retain (perplexity)")
     if limit is not None and limit < 1:
         raise LorakitError(f"--limit must be at least 1, got {limit}")
     if retain and not Path(retain).is_file():
         raise LorakitError(f"--retain {retain}: no such file")
+    for folder in adapters:
+        if not Path(folder).is_dir():
+            raise LorakitError(f"--adapter {folder}: no such folder")
+    if report:
+        _check_report_folder(Path(report))
     records, fmt = load_eval_records(data, limit=limit) if data else (None, "auto")
     text = Path(retain).read_text(encoding="utf-8") if retain else None
-    m, tokenizer = load_for_generation(model, adapter)
+    m, tokenizer, names = _load_models(model, adapters)
     seq_len = seq_len or min(getattr(m.config, "max_position_embeddings", None) or 1024, 1024)
     args = (records, text, seq_len, max_new_tokens, fmt)
-    reports = compare_with_base(m, tokenizer, *args) if adapter else {"base": evaluate_model(m, tokenizer, *args)}
+    reports = compare_adapters(m, tokenizer, names, *args, loss=True)
     results = {name: r.to_dict(show) for name, r in reports.items()}
     if as_json:
         print(json.dumps(results))
-        return 0
-    metrics = [k for k in ("exact_match", "perplexity") if k in results["base"]]
-    print(f"{'model':<10}" + "".join(f"{name:>14}" for name in metrics))
-    for name, values in results.items():
-        print(f"{name:<10}" + "".join(f"{_fmt(k, values[k]):>14}" for k in metrics))
-    for name, values in results.items():
-        for ex in values.get("examples", []):
-            print(f"\n[{name}] {ex['prompt']!r}\n  reference: {ex['reference']!r}\n  output:    {ex['output']!r}")
-    measured = ([f"exact match over {len(records)} examples of {data}"] if records else []) + (
+    else:
+        _print_table(results)
+    measured = ([f"exact match, token F1 and loss over {len(records)} examples of {data}"] if records else []) + (
         [f"perplexity of {retain} in windows of {seq_len} tokens"] if text is not None else [])
     print("; ".join(measured), file=sys.stderr)
+    if report:
+        from lorakit.track.report import log_to_runs, write_report
+
+        models = [{"name": name, "adapter": str(Path(names[name]).resolve()) if name in names else None,
+                   **{k: v for k, v in values.items() if k != "examples"}} for name, values in results.items()]
+        meta = {"data": data, "retain": retain, "examples": len(records) if records else 0, "seq_len": seq_len}
+        files = write_report(Path(report), models, meta)
+        print(f"report: {', '.join(str(f) for f in files)}", file=sys.stderr)
+        for problem in log_to_runs(models, files):
+            print(f"lorakit: warning: {problem}", file=sys.stderr)
     return 0
 
 
+def _check_report_folder(out: Path) -> None:
+    """Before any model is loaded: --report names a folder that can be written (made if missing)."""
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--report {out}: exists and is not a folder")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LorakitError("--report draws its charts with matplotlib: pip install matplotlib") from None
+
+
+def _print_table(results: dict[str, dict[str, Any]]) -> None:
+    metrics = [k for k in ("exact_match", "f1", "data_loss", "data_perplexity", "perplexity") if k in results["base"]]
+    width = max(10, *(len(name) + 2 for name in results))
+    print(f"{'model':<{width}}" + "".join(f"{name:>16}" for name in metrics))
+    for name, values in results.items():
+        print(f"{name:<{width}}" + "".join(f"{_fmt(k, values[k]):>16}" for k in metrics))
+    for name, values in results.items():
+        for ex in values.get("examples", []):
+            print(f"\n[{name}] {ex['prompt']!r}\n  reference: {ex['reference']!r}\n  output:    {ex['output']!r}")
+
+
 def _fmt(metric: str, value: float) -> str:
-    return f"{value:.1%}" if metric == "exact_match" else f"{value:.3f}"
+    return f"{value:.1%}" if metric in ("exact_match", "f1") else f"{value:.3f}"

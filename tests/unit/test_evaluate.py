@@ -184,7 +184,7 @@ def test_eval_command_prints_base_and_adapter(folder, tmp_path, capsys):
 
     assert main(["eval", "--model", str(folder), "--data", str(data)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["model", "exact_match"] and table[1].split() == ["base", "0.0%"]
+    assert table[0].split()[:3] == ["model", "exact_match", "f1"] and table[1].split()[:2] == ["base", "0.0%"]
 
     assert main(["eval", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: data file not found" in capsys.readouterr().err
