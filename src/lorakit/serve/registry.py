@@ -214,3 +214,4 @@ class AdapterRegistry:
                     layer.active_adapters.remove(name)
         getattr(self.model, "lora_configs", {}).pop(name, None)
         self.loaded.pop(name, None)
+        self.batched.forget()
