@@ -209,3 +209,12 @@ def test_an_unreadable_file_is_one_line(minilm_path, capsys):
         for f in folder.iterdir():
             f.unlink()
         folder.rmdir()
+
+
+def test_the_most_frequent_answer_is_shown_redacted(tmp_path, bert):
+    path = write_jsonl(tmp_path / "support.jsonl", [
+        {"instruction": f"Question {i}?", "output": "Ask help@example.com."} for i in range(3)])
+    report = check_file(path, bert, seq_len=128)
+    assert (report.top_answer, report.top_answer_share) == ("Ask <EMAIL>.", 1.0)
+    assert len(report.findings) == 3 and "help@" not in "\n".join(report.warnings)
+    assert any(w.startswith('100.0% of the answers are "Ask <EMAIL>."') for w in report.warnings)

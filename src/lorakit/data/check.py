@@ -78,7 +78,8 @@ class CheckReport:
     finding_counts: dict[str, int] = field(default_factory=dict)
     answers: int = 0
     distinct_answers: int = 0
-    top_answer: str | None = None
+    top_answer: str | None = None  # with any personal data or secret in it redacted
+    top_answer_count: int = 0
     top_answer_share: float = 0.0
     max_answer_share: float = MAX_ANSWER_SHARE
     warnings: list[str] = field(default_factory=list)
@@ -148,6 +149,23 @@ def _answer(record: dict, fmt: str) -> str | None:
     return None
 
 
+def _answer_balance(report: CheckReport, valid: list[tuple[int, dict]], region: str) -> None:
+    """How many answers, how many distinct (normalized), the most frequent and its share."""
+    answers: Counter[str] = Counter()
+    first_seen: dict[str, str] = {}  # normalized answer -> the text as first written
+    for _, record in valid:
+        if (answer := _answer(record, report.format)) is not None:
+            answers[normalize(answer)] += 1
+            first_seen.setdefault(normalize(answer), answer.strip())
+    if not answers:
+        return
+    top, count = answers.most_common(1)[0]
+    report.answers, report.distinct_answers = answers.total(), len(answers)
+    report.top_answer_count, report.top_answer_share = count, count / answers.total()
+    with secret_scanner():  # the report must not repeat what it finds
+        report.top_answer = redact_text(first_seen[top], region)[0]
+
+
 def _content(path: str, region: str) -> list[Finding]:
     """Personal data and secrets in every JSON object of ``path``, valid record or not."""
     with secret_scanner():
@@ -176,8 +194,6 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
     prompts: dict[str, int] = {}
     index = NearDuplicateIndex()
     roles: Counter[str] = Counter()
-    answers: Counter[str] = Counter()
-    first_seen: dict[str, str] = {}  # normalized answer -> its text as first written
     for line, record in valid:
         prompt, whole = normalize(prompt_text(record, fmt)), example_text(record, fmt)
         if prompt in prompts:
@@ -194,15 +210,7 @@ def check_file(path: str | Path, tokenizer: Any, seq_len: int, fmt: str = "auto"
         index.add(whole, line)
         if fmt in CHAT_FORMATS:
             roles.update(m["role"] for m in chat_messages(record, fmt))
-        if (answer := _answer(record, fmt)) is not None:
-            answers[normalize(answer)] += 1
-            first_seen.setdefault(normalize(answer), answer.strip())
-    if answers:
-        top, count = answers.most_common(1)[0]
-        report.answers, report.distinct_answers = answers.total(), len(answers)
-        with secret_scanner():  # the report must not repeat what it finds
-            report.top_answer = redact_text(first_seen[top], region)[0]
-        report.top_answer_share = count / answers.total()
+    _answer_balance(report, valid, region)
     examples = tokenize_records([r for _, r in valid], fmt, tokenizer, seq_len=1 << 62)  # untruncated
     lengths = [len(ex["input_ids"]) for ex in examples]
     responses = [sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples]
@@ -246,7 +254,7 @@ def _warnings(r: CheckReport) -> list[str]:
     if r.val_overlap:
         out.append(f"{r.val_overlap} of {r.val_records} validation prompts also appear in {r.path} "
                    "(exact or near duplicates): validation loss will look better than it is")
-    if r.distinct_answers > 1 and r.top_answer_share > r.max_answer_share:
+    if r.top_answer_count > 1 and r.top_answer_share > r.max_answer_share:
         out.append(f"{100 * r.top_answer_share:.1f}% of the answers are {_quote(r.top_answer)} (above "
                    f"--max-answer-share {r.max_answer_share:g}): a model that always answers it scores as much; "
                    "balance the answers")

@@ -39,8 +39,7 @@ from detect_secrets.settings import get_plugins, transient_settings
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
 
-PII = ("email", "phone", "card", "iban", "ip")
-CLASSES = ("pii", "secrets")
+CLASSES = ("pii", "secrets")  # a finding's category: email, phone, card, iban, ip are pii; the rest secrets
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "card": "<CARD>", "iban": "<IBAN>", "ip": "<IP>"}
 SECRET_PLACEHOLDER = "<SECRET>"
 DEFAULT_REGION = "US"
