@@ -151,3 +151,31 @@ def test_resume_after_sigkill_publishes_the_same_best_adapter(case, run, tmp_pat
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records(output)]
 
     assert logged(output) == logged(expected_output)  # the same evals, and the one overfitting event
+
+
+def test_a_non_finite_loss_publishes_the_best_evals_weights(case, tmp_path, capsys):
+    from lorakit.cli import main
+
+    # lr 1e30: step 1 is finite (evaluated: the best), step 2's loss is nan (see test_train)
+    output = tmp_path / "out"
+    assert main(cli_args(flags(case, output, lr="1e30", eval_every="1", eval_generate="0", save_every="1"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lorakit: error: step 2: loss nan is not finite; training stopped and the best eval's "
+                          f"weights (step 1) are in {output}")
+    published = load_file(output / "adapter_model.safetensors")
+    best = load_file(output / "checkpoints" / "step-1" / "best" / "adapter_model.safetensors")
+    assert all(torch.equal(published[k], best[k]) for k in published)
+    assert not (output / "best").exists()
+
+
+def test_eval_generate_on_text_records_is_one_line_and_nothing_written(case, tmp_path, capsys):
+    from lorakit.cli import main
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"hello world {i}"}) + "\n" for i in range(8)))
+    output = tmp_path / "out"
+    assert main(cli_args(flags(case, output, data=str(text), val_data=str(text)))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lorakit: error: --eval-generate 2: the validation records are plain text, with no answer to "
+                   "compare with; use alpaca, chat or prompt_completion data, or --eval-generate 0"]
+    assert not output.exists()

@@ -111,7 +111,8 @@ def _markdown(models: list[dict[str, Any]], measured: list[str], meta: dict[str,
     lines = ["# lorakit eval report", ""] + [f"- {w}" for w in _what(meta)] + [""]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(models, measured)]
-    lines += ["", "Adapters: " + ", ".join(f"{m['name']} = `{m['adapter']}`" for m in models if m.get("adapter")), ""]
+    adapters = [f"{m['name']} = `{m['adapter']}`" for m in models if m.get("adapter")]
+    lines += ["", "Adapters: " + ", ".join(adapters), ""] if adapters else [""]
     lines += [f"![{title}]({path.name})\n" for title, path in images.items()]
     return "\n".join(lines)
 
@@ -131,7 +132,8 @@ def _html(models: list[dict[str, Any]], measured: list[str], meta: dict[str, Any
     what = "".join(f"<li>{e(w)}</li>" for w in _what(meta))
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>lorakit eval report</title>'
             f"<style>{_STYLE}</style></head><body><h1>lorakit eval report</h1><ul>{what}</ul>"
-            f"<table><tr>{head}</tr>{rows}</table><p>Adapters:</p><ul>{adapters}</ul>{figures}</body></html>\n")
+            f"<table><tr>{head}</tr>{rows}</table>{f'<p>Adapters:</p><ul>{adapters}</ul>' if adapters else ''}"
+            f"{figures}</body></html>\n")
 
 
 # --- plots ----------------------------------------------------------------------------------------

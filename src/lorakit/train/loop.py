@@ -237,11 +237,13 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
             what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
             metrics.close()
             progress.close()
+            best = state["best_step"] if t.keep_best else None
             with dist.saving(model, optimizer):
                 if dist.is_main:
-                    publish_files(task.save_result, output)
-            raise dist.error(f"step {step + 1}: {what} is not finite; training stopped and the last good "
-                             f"weights (step {step}) are in {output}; lower --lr or check the data")
+                    _publish(task, output, best)
+            kept = f"the best eval's weights (step {best})" if best is not None else f"the last good weights (step {step})"
+            raise dist.error(f"step {step + 1}: {what} is not finite; training stopped and {kept} are in {output}; "
+                             "lower --lr or check the data")
 
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
@@ -308,10 +310,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
     best = state["best_step"] if t.keep_best else None  # the published weights: the best eval's, or the last
     with dist.saving(model, optimizer):
         if dist.is_main:
-            if best is not None:
-                publish_best(output)
-            else:
-                publish_files(task.save_result, output)
+            _publish(task, output, best)
     note = f" ({stopped.replace('_', ' ')})" if stopped != "done" else ""
     peak = peak_rss_bytes()
     device = next(model.parameters()).device
@@ -333,6 +332,14 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
 
 
 # --- helpers: the output folder, the final files, progress -------------------------------------------
+
+
+def _publish(task: Task, output: Path, best: int | None) -> None:
+    """The run's result into ``output``: the best eval's (``best``: its step, with --keep-best) or the current."""
+    if best is not None:
+        publish_best(output)
+    else:
+        publish_files(task.save_result, output)
 
 
 def _check_output(output: Path, resume: bool, overwrite: bool) -> Path | None:
