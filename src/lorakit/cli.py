@@ -35,13 +35,15 @@ def _params(sub: argparse._SubParsersAction) -> None:
 def _data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="training data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    c = data_sub.add_parser("check", help="list every bad record, then report duplicates, lengths and truncation")
+    c = data_sub.add_parser("check", help="list every bad record and every personal data or secret, then report "
+                              "duplicates, lengths, truncation, answer balance and validation leaks")
     c.add_argument("file", help="training data: JSON array or JSONL; image data: {image, text} records or a folder")
     c.add_argument("--model", required=True, help="model folder or hub id whose tokenizer measures the tokens "
                    "(image data: the diffusers pipeline folder)")
     c.add_argument("--seq-len", dest="seq_len", default=None, help="count examples longer than this (default 512)")
     c.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"))
-    c.add_argument("--val-data", dest="val_data", default=None, help="validation file: checked, and its overlap with FILE")
+    c.add_argument("--val-data", dest="val_data", default=None, help="validation file: checked, and each of its records that "
+                   "leaks from FILE (same prompt or near-duplicate example)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--redact", metavar="OUT", help="also write a copy of FILE with each personal data or secret "
                    "found replaced by <EMAIL>, <PHONE>, <CARD>, <IBAN>, <IP> or <SECRET>")
