@@ -268,12 +268,55 @@ def test_a_store_that_cannot_be_used_is_one_line(task, tmp_path, monkeypatch, ca
     assert len(lines) == 1 and lines[0].startswith("warning: not tracked in MLflow: ") and reason in lines[0]
 
 
-def test_track_switches(task, store, monkeypatch):
-    """--no-track (track.enabled: false) and LORAKIT_TRACK=0 leave MLflow out of the run."""
-    from lorakit.train.loop import default_callbacks, run_config
+def test_track_switches(task, store, monkeypatch, tmp_path):
+    """--no-track (track.enabled: false) and LORAKIT_TRACK=0 leave MLflow out of the run; a resumed run may
+    change the tracking settings."""
+    from lorakit.config import save_config
+    from lorakit.train.loop import _check_same_run, default_callbacks, run_config
 
     cfg = run_config(None, {"data": str(task["train"])})
     assert [type(h).__name__ for h in default_callbacks(cfg)] == ["MLflowCallback"]
-    assert default_callbacks(run_config(None, {"data": str(task["train"]), "track": "false"})) == []
+    untracked = run_config(None, {"data": str(task["train"]), "track": "false", "experiment": "other"})
+    assert default_callbacks(untracked) == []
+    save_config(cfg, tmp_path / "config.yaml")
+    _check_same_run(tmp_path / "config.yaml", untracked)
     monkeypatch.setenv("LORAKIT_TRACK", "0")
     assert default_callbacks(cfg) == []
+
+
+def test_any_numeric_metric_an_event_and_a_parent_run(task, tmp_path, store):
+    """What other parts of a run send through the loop's records: any numeric metric (eval_exact_match), an
+    event ({"event": "overfitting", "message": ...}) as the tag lorakit.overfitting; and a sweep's trial
+    (track.parent_run_id) nested under its parent run, in the parent's experiment."""
+    from mlflow import MlflowClient
+
+    from lorakit.config import save_config
+    from lorakit.track.mlflow import MLflowCallback, experiment_id
+    from lorakit.train.loop import TrainResult, run_config
+
+    client = MlflowClient(store)
+    parent = client.create_run(experiment_id(client, "a-sweep", store), run_name="sweep")
+    output = tmp_path / "trial"
+    output.mkdir()
+    cfg = run_config(None, train_flags(task, output, parent_run_id=parent.info.run_id, experiment="ignored"))
+    save_config(cfg, output / "config.yaml")
+    (output / "metrics.jsonl").write_text("")
+    hook = MLflowCallback()
+    hook.on_start(cfg, output, {"step": 0})
+    sent = [{"step": 4, "loss": 2.0, "lr": 1e-3}, {"step": 4, "eval_loss": 2.5, "eval_exact_match": 0.25,
+                                                    "eval_f1": 0.5, "eval_note": "text is not a metric"},
+            {"step": 8, "event": "overfitting", "message": "step 8: validation loss rose twice", "gap": 0.3}]
+    with open(output / "metrics.jsonl", "a") as f:
+        for record in sent:
+            f.write(json.dumps(record) + "\n")
+            hook.on_log(record)
+    hook.on_end(TrainResult(output=output, steps=8, loss=2.0, eval_loss=2.5, stopped="pruned"))
+
+    run = client.get_run(json.loads((output / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.experiment_id == parent.info.experiment_id and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.metrics == {"loss": 2.0, "lr": 1e-3, "eval_loss": 2.5, "eval_exact_match": 0.25,
+                                "eval_f1": 0.5, "gap": 0.3}
+    assert history(client, run.info.run_id, "eval_exact_match") == [(4, 0.25)]
+    assert run.data.tags["lorakit.overfitting"] == "step 8: validation loss rose twice"
+    assert run.data.tags["lorakit.stopped"] == "pruned"
