@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from lorakit.config import RunConfig
-    from lorakit.train.loop import TrainResult
+    from lorakit.train.callbacks import TrainResult
 
 RUN_FILE = "mlflow_run.json"  # in the output folder: {"tracking_uri", "experiment_id", "run_id"}
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default store (MLflow >= 3.7), relative to the working dir

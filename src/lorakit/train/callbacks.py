@@ -8,12 +8,25 @@ current result as it would at the end and returns with ``stopped=reason``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lorakit.config import RunConfig
-    from lorakit.train.loop import TrainResult
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int  # optimizer steps taken in total (including those before a resume)
+    loss: float | None  # the last logged training loss
+    eval_loss: float | None  # the last evaluation's loss (None without validation data)
+    stopped: str  # "done", "early_stopping", or the reason a callback gave (StopTraining)
+    peak_rss_bytes: int | None = None  # this process's peak resident memory (None where unknown)
+    peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation (None on CPU)
+    best_step: int | None = None  # the step of the lowest eval_loss (None without validation data)
+    best_eval_loss: float | None = None  # that eval_loss; with keep_best, the published weights are that step's
 
 
 class StopTraining(Exception):

@@ -26,7 +26,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from lorakit.device import peak_rss_bytes
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.fileio import write_atomic
 from lorakit.train.best import publish_best, restore_best, save_best, with_best
-from lorakit.train.callbacks import Callback, StopTraining
+from lorakit.train.callbacks import Callback, StopTraining, TrainResult
 from lorakit.train.checkpoint import (
     complete_checkpoints,
     load_checkpoint,
@@ -54,19 +53,6 @@ from lorakit.train.task import Task, build_task
 # Settings a resumed run may change: they do not alter the weights computed up to the checkpoint.
 RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "epochs", "save_every", "keep_last", "eval_every",
                      "patience", "log_every", "threads", "strategy", "dist_timeout", "eval_generate"}
-
-
-@dataclass
-class TrainResult:
-    output: Path
-    steps: int  # optimizer steps taken in total (including those before a resume)
-    loss: float | None  # the last logged training loss
-    eval_loss: float | None  # the last evaluation's loss (None without validation data)
-    stopped: str  # "done", "early_stopping", or the reason a callback gave (StopTraining)
-    peak_rss_bytes: int | None = None  # this process's peak resident memory (None where unknown)
-    peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation (None on CPU)
-    best_step: int | None = None  # the step of the lowest eval_loss (None without validation data)
-    best_eval_loss: float | None = None  # that eval_loss; with keep_best, the published weights are that step's
 
 
 class BatchStream:
