@@ -211,7 +211,7 @@ class MLflowCallback(Callback):
 
     def on_end(self, result: TrainResult) -> None:
         if self.client is not None:
-            self._guarded(f"the end of the run (step {result.steps})", lambda: self._end(result))
+            self._guarded(f"the end of the run (step {result.steps})", lambda: self._end(result), ended=True)
 
     def on_error(self, error: BaseException) -> None:
         if self.client is None:
@@ -219,9 +219,9 @@ class MLflowCallback(Callback):
         # an interruption (Ctrl-C, SIGTERM; --resume continues the run) is KILLED, anything else FAILED
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         self.pending_tags["lorakit.error"] = (str(error) or type(error).__name__)[:MAX_TAG_CHARS]
-        self._guarded("the end of the run", lambda: (self._flush(), self._terminate(status)))
+        self._guarded("the end of the run", lambda: (self._flush(), self._terminate(status)), ended=True)
 
-    def _guarded(self, when: str, call: Any) -> None:
+    def _guarded(self, when: str, call: Any, ended: bool = False) -> None:
         """``call()``; on any failure one warning line (``when``: where the run was, "" at start) and no
         more tracking for this run."""
         try:
@@ -231,7 +231,8 @@ class MLflowCallback(Callback):
             self.client = None
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             what = f"MLflow tracking stopped at {when}" if when else "not tracked in MLflow"
-            print(f"warning: {what}: {reason}; the run goes on, recorded in {self.output / 'metrics.jsonl'}",
+            goes_on = "the run is" if ended else "the run goes on,"
+            print(f"warning: {what}: {reason}; {goes_on} recorded in {self.output / 'metrics.jsonl'}",
                   file=sys.stderr, flush=True)
 
     # --- the work ----------------------------------------------------------------------------------------
