@@ -18,12 +18,18 @@ AVX-512-BF16/AMX emulates bf16 GEMMs tens of times slower than fp32, which would
         [--device cpu|cuda] [--model-config examples/configs/llama-3.2-1b] [--batch 4] [--seq 256] [--profile]
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os
+
+# As `lorakit train` runs (lorakit/__init__.py): idle OpenMP threads sleep, set before torch loads its
+# OpenMP runtime, for both sides. Spinning waiters would also count as CPU time, which the benchmark reports.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -131,6 +137,54 @@ def timed_steps(loss_fn, opt, ids, steps: int, bf16: bool) -> tuple[float, float
     return statistics.median(walls), statistics.median(cpus)
 
 
+def cpu_seconds(run: Callable[[], object], reps: int = 3) -> float:
+    """Median CPU seconds of this process for ``run()`` (after one untimed call)."""
+    run()
+    times = []
+    for _ in range(reps):
+        c = time.process_time()
+        run()
+        times.append(time.process_time() - c)
+    return statistics.median(times)
+
+
+def breakdown(cfg: LlamaConfig, model, head, opt, ids: torch.Tensor, bf16: bool, step_cpu: float,
+              roof_cpu: float, threads: int) -> None:
+    """What lorakit's step is made of, in CPU seconds (less distorted by other processes than wall time):
+    the loss against the head (forward and backward of the chunked cross-entropy on (N, H) hidden states),
+    AdamW's update, and the rest (embedding, decoder layers, final norm), each with its matmul FLOP/s
+    against the CPU-time roofline. The same for PEFT's loss (whole fp32 logits, then cross-entropy)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    n, h, v = ids.numel(), cfg.hidden_size, cfg.vocab_size
+    hidden = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    targets = ids.reshape(-1)
+    weight = head.weight.detach().to(dtype)
+
+    def ours() -> None:
+        linear_cross_entropy(hidden, weight, targets).backward()
+
+    def reference() -> None:
+        torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum").backward()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = lorakit_loss(model, head, bf16)(ids)
+    loss.backward()
+    adamw = cpu_seconds(opt.step)  # on the gradients just computed; the benchmark's numbers are done
+    opt.zero_grad(set_to_none=True)
+    head_s, ref_head_s = cpu_seconds(ours), cpu_seconds(reference)
+    head_flops = 4 * n * h * v  # logits forward, d_hidden backward
+    rest_flops = step_flops(cfg, *ids.shape) - head_flops
+    rest = step_cpu - head_s - adamw
+    print(f"lorakit step by CPU time ({threads} threads; CPU seconds / threads as the wall time of an idle machine):")
+    for name, sec, flops in (("loss against the head", head_s, head_flops), ("AdamW", adamw, 0),
+                             ("embedding, decoder layers, norm", rest, rest_flops), ("whole step", step_cpu,
+                                                                                    step_flops(cfg, *ids.shape))):
+        rate = f"{flops * threads / sec / 1e9:7.1f} GFLOP/s = {flops * threads / sec / roof_cpu:4.0%} of roofline" \
+            if flops else ""
+        print(f"  {name:32s}{sec:7.3f} CPU s {sec / step_cpu:5.0%}  {rate}")
+    print(f"  (PEFT's loss on whole fp32 logits: {ref_head_s:.3f} CPU s for the same head)")
+
+
 def profile(loss_fn, opt, ids, bf16: bool, rows: int = 25) -> None:
     """torch.profiler's table of lorakit's step: where its time goes, by operator (self time)."""
     from torch.profiler import ProfilerActivity
@@ -204,7 +258,7 @@ def main() -> None:
           f"device {device}")
     print(f"model: hidden {cfg.hidden_size} × {cfg.num_hidden_layers} layers, MLP {cfg.intermediate_size}, "
           f"vocab {cfg.vocab_size}; r=16 on {len(TARGETS)} projections")
-    print(f"threads={args.threads} batch={args.batch}x{args.seq} rounds={args.rounds}x{args.steps} steps (medians)")
+    print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} threads={args.threads} batch={args.batch}x{args.seq} rounds={args.rounds}x{args.steps} steps (medians)")
     for name in ("peft", "lorakit"):
         memory = f"; step peak {peaks[name] / 2**20:,.0f} MiB GPU memory above the weights" if name in peaks else ""
         by_cpu = "" if device.type == "cuda" else f"; by CPU time: {tps_cpu[name]:.1f} tokens/s"
@@ -217,6 +271,9 @@ def main() -> None:
         print(f"by CPU time: roofline {roof_cpu / 1e9:.1f} GFLOP/s, lorakit {flops * tps_cpu['lorakit'] / 1e9:.1f} "
               f"GFLOP/s = {flops * tps_cpu['lorakit'] / roof_cpu:.0%} of it")
     print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)")
+    if device.type != "cuda":
+        step_cpu = statistics.median(c for _, c in results["lorakit"])
+        breakdown(cfg, ours, head, opts["lorakit"], ids, bf16, step_cpu, roof_cpu, args.threads)
     if args.profile:
         profile(losses["lorakit"], opts["lorakit"], ids, bf16)
 

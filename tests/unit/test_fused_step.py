@@ -29,6 +29,7 @@ from lorakit.train.kernels import additive_mask, attention, rms_norm, rope
 from tests.conftest import randomize_lora, rel_err, tiny_llama
 
 BF16 = torch.bfloat16
+fused_layer = fastpath._layer
 
 
 def close_as_reference(fused: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, factor: float = 3.0):
@@ -162,7 +163,7 @@ def logits_and_grads(model, ids, mask, bf16: bool):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fused_decoder_layers_equal_transformers_layers(method):
+def test_fused_decoder_layers_equal_transformers_layers(method, monkeypatch):
     model = tiny_llama(hidden=64, layers=2)
     if method == "lora":
         lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8))
@@ -175,6 +176,10 @@ def test_fused_decoder_layers_equal_transformers_layers(method):
     mask = torch.ones_like(ids)
     mask[1, 15:], mask[2, 6:] = 0, 0
     truth = logits_and_grads(model, ids, mask, bf16=False)
+    # the fused layer must be what runs: it hands back to transformers' own forward when it meets a KV
+    # cache or a signature it does not know, which would make this comparison trivially equal
+    ran = []
+    monkeypatch.setattr(fastpath, "_layer", lambda *a, **k: ran.append(1) or fused_layer(*a, **k))
     for bf16 in (False, True):
         ref, ours = logits_and_grads(model, ids, mask, bf16), logits_and_grads(fused, ids, mask, bf16)
         assert len(ours) == len(truth)
@@ -183,6 +188,7 @@ def test_fused_decoder_layers_equal_transformers_layers(method):
                 assert rel_err(a, r) < 1e-5
             else:
                 close_as_reference(a, r, t)
+    assert len(ran) == 2 * 2  # two layers, two passes
 
 
 def test_fast_path_declines_an_architecture_it_does_not_reproduce():
