@@ -55,6 +55,10 @@ def restore_best(checkpoint: Path, output: Path) -> None:
         shutil.rmtree(output / BEST, ignore_errors=True)
 
 
+def has_best(output: Path) -> bool:
+    return (output / BEST).is_dir()
+
+
 def publish_best(output: Path) -> list[str]:
     """Publish ``OUTPUT/best``'s result files into ``OUTPUT`` (copies, atomically: ``publish_files``), then
     remove ``OUTPUT/best``: the published files are it, and each checkpoint keeps its own for a resume."""

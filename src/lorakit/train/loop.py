@@ -35,7 +35,7 @@ from lorakit.config import RunConfig, config_to_dict, load_config, save_config
 from lorakit.device import peak_rss_bytes
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.fileio import write_atomic
-from lorakit.train.best import publish_best, restore_best, save_best, with_best
+from lorakit.train.best import has_best, publish_best, restore_best, save_best, with_best
 from lorakit.train.callbacks import Callback, StopTraining, TrainResult
 from lorakit.train.checkpoint import (
     complete_checkpoints,
@@ -223,7 +223,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
             what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
             metrics.close()
             progress.close()
-            best = state["best_step"] if t.keep_best else None
+            best = state["best_step"] if t.keep_best and has_best(output) else None
             with dist.saving(model, optimizer):
                 if dist.is_main:
                     _publish(task, output, best)
@@ -293,7 +293,8 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
 
     metrics.close()
     progress.close()
-    best = state["best_step"] if t.keep_best else None  # the published weights: the best eval's, or the last
+    # the published weights: the best eval's, or the last (also when a checkpoint from before --keep-best had none)
+    best = state["best_step"] if t.keep_best and has_best(output) else None
     with dist.saving(model, optimizer):
         if dist.is_main:
             _publish(task, output, best)
