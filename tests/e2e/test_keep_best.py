@@ -179,3 +179,20 @@ def test_eval_generate_on_text_records_is_one_line_and_nothing_written(case, tmp
     assert err == ["lorakit: error: --eval-generate 2: the validation records are plain text, with no answer to "
                    "compare with; use alpaca, chat or prompt_completion data, or --eval-generate 0"]
     assert not output.exists()
+
+
+def test_a_checkpoint_without_a_best_result_resumes_and_publishes_its_last_state(case, tmp_path):
+    import shutil
+
+    output = tmp_path / "out"
+    train(load_config(None, flags(case, output, max_steps="8", eval_generate="0")))
+    for p in (output / "checkpoints").iterdir():  # as a lorakit from before --keep-best left it: step-6 alone
+        if p.name != "step-6":
+            shutil.rmtree(p)
+    shutil.rmtree(output / "checkpoints" / "step-6" / "best")
+    # resumed to end at the checkpoint's step: no eval after it can make a new best
+    result = train(load_config(None, flags(case, output, max_steps="6", eval_generate="0", resume=True)))
+    assert result.steps == 6 and result.best_step is not None
+    published = load_file(output / "adapter_model.safetensors")
+    last = load_file(output / "checkpoints" / "step-6" / "adapter_model.safetensors")
+    assert all(torch.equal(published[k], last[k]) for k in published)
