@@ -292,7 +292,8 @@ def test_any_numeric_metric_an_event_and_a_parent_run(task, tmp_path, store):
 
     from lorakit.config import save_config
     from lorakit.track.mlflow import MLflowCallback, experiment_id
-    from lorakit.train.loop import TrainResult, run_config
+    from lorakit.train.callbacks import TrainResult
+    from lorakit.train.loop import run_config
 
     client = MlflowClient(store)
     parent = client.create_run(experiment_id(client, "a-sweep", store), run_name="sweep")
