@@ -80,6 +80,7 @@ def test_report_compares_base_and_two_adapters(case, capsys):
                                                      "report.md"]
     for png in ("metrics.png", "loss_curves.png"):
         assert (out / png).read_bytes().startswith(PNG)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # to share
     md = (out / "report.md").read_text()
     assert "| model | exact match | token F1 |" in md and "| taught | 50.0%" in md and "![metrics](metrics.png)" in md
 
