@@ -93,7 +93,7 @@ def test_two_workers_share_one_study(task, tmp_path, backend):
         pytest.skip("LORAKIT_TEST_POSTGRES_URL is unset (.ci/run starts a PostgreSQL server and sets it)")
     output = tmp_path / "sweep"
     extra = ["--storage", POSTGRES, "--study-name", f"test-{uuid.uuid4().hex[:8]}"] if backend == "postgresql" else []
-    cmd = [sys.executable, "-m", "lorakit", *map(str, sweep_args(task, output, "--trials", "5", "--max-steps", "3",
+    cmd = [sys.executable, "-m", "lorakit", *map(str, sweep_args(task, output, "--trials", "4", "--max-steps", "2",
                                                                   *extra))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -103,7 +103,7 @@ def test_two_workers_share_one_study(task, tmp_path, backend):
         assert w.returncode == 0, err
     ran = [int(line.split()[2].rstrip(":")) for _, err in outs for line in err.splitlines()
            if line.startswith("sweep: trial ")]
-    assert sorted(ran) == list(range(5))  # each trial run once, by one worker
+    assert sorted(ran) == list(range(4))  # each trial run once, by one worker
     assert all(any(line.startswith("sweep: trial ") for line in err.splitlines()) for _, err in outs)  # both worked
     import optuna
 
@@ -114,9 +114,9 @@ def test_two_workers_share_one_study(task, tmp_path, backend):
 
         study = optuna.load_study(study_name="sweep", storage=JournalStorage(JournalFileBackend(str(output / "study.journal"))))
     states = [t.state.name for t in study.trials]
-    assert len(states) == 5 and set(states) <= {"COMPLETE", "PRUNED"}
-    assert len({t.params["lr"] for t in study.trials}) == 5
-    assert sorted(p.name for p in output.glob("trial-*")) == [f"trial-{i:04d}" for i in range(5)]
+    assert len(states) == 4 and set(states) <= {"COMPLETE", "PRUNED"}
+    assert len({t.params["lr"] for t in study.trials}) == 4
+    assert sorted(p.name for p in output.glob("trial-*")) == [f"trial-{i:04d}" for i in range(4)]
 
 
 def test_lr_find_suggests_inside_the_ramp(task, tmp_path, capsys):
@@ -170,3 +170,30 @@ def test_bad_input_is_one_line_and_writes_nothing(task, tmp_path, capsys, case):
         assert [p.name for p in output.iterdir()] == ["notes.txt"]
     else:
         assert not output.exists()
+
+
+def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(task, tmp_path, capsys):
+    import signal
+    import time
+
+    output = tmp_path / "sweep"
+    args = sweep_args(task, output, "--trials", "2", "--max-steps", "60", "--save-every", "10", "--eval-every", "30")
+    worker = subprocess.Popen([sys.executable, "-m", "lorakit", *map(str, args)], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not list((output / "trial-0001" / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        assert worker.poll() is None, worker.stderr.read()
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGINT)
+    err = worker.communicate(timeout=120)[1]
+    assert worker.returncode == 130, err
+    assert "sweep interrupted with 1 of 2 trials finished" in err and "Traceback" not in err
+
+    code, err = in_process(capsys, *args)  # the same command: trial 1 continues as trial 2, from its checkpoint
+    assert code == 0, err
+    assert f"resuming from {output / 'trial-0001' / 'checkpoints'}" in err
+    trials = study_trials(output)
+    assert [(t["number"], t["state"]) for t in trials] == [(0, "complete"), (1, "fail"), (2, "complete")]
+    assert trials[2]["note"] == "resumed trial-0001" and trials[2]["options"] == trials[1]["options"]
+    assert not (output / "trial-0002").exists()
+    assert [r["step"] for r in records(output / "trial-0001") if "loss" in r] == list(range(1, 61))

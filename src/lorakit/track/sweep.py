@@ -114,6 +114,11 @@ def prepare(cfg: RunConfig, options: SweepConfig, space: tuple[Dimension, ...] |
                                "(or --max-steps, and the sweep evaluates 10 times per trial)")
         cfg = replace_options(cfg, {"eval-every": max(1, t.max_steps // 10)})
         notes.append(f"evaluating every {cfg.train.eval_every} steps (--eval-every) for the pruner")
+    if options.n_jobs > 1 and not t.threads:  # the workers share the cores, as torchrun's ranks do
+        from lorakit.device import cpu_threads
+
+        cfg = replace_options(cfg, {"threads": max(1, cpu_threads() // options.n_jobs)})
+        notes.append(f"{options.n_jobs} worker processes, {cfg.train.threads} torch threads each")
     output = Path(t.output)
     storage = options.storage or str(output / JOURNAL)
     if "://" not in storage and storage != str(output / JOURNAL) and not Path(storage).parent.is_dir():
@@ -141,7 +146,7 @@ def run_sweep(sweep: Sweep, worker_argv: list[str] | None = None) -> dict[str, A
         storage = JournalStorage(JournalFileBackend(sweep.storage, lock_obj=JournalFileOpenLock(sweep.storage)))
     write_atomic(sweep.output / SWEEP_FILE, lambda p: p.write_text(json.dumps(
         {"study_name": sweep.study_name, "storage": _shown(sweep.storage)}, indent=1) + "\n"))
-    sampler = _sampler(sweep.cfg.train.seed)
+    sampler = _sampler(sweep.cfg.train.seed, sweep.options.trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     try:
         study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction=sweep.options.direction,
@@ -155,7 +160,8 @@ def run_sweep(sweep: Sweep, worker_argv: list[str] | None = None) -> dict[str, A
     sweep.parent_run_id = parent_run(study, sweep, created)
     workers = []
     if sweep.options.n_jobs > 1 and worker_argv is not None:
-        cmd = [sys.executable, "-m", "lorakit", *worker_argv, "--n-jobs", "1"]
+        cmd = [sys.executable, "-m", "lorakit", *worker_argv, "--n-jobs", "1",
+               "--threads", str(sweep.cfg.train.threads)]
         workers = [subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: "1"}) for _ in range(sweep.options.n_jobs - 1)]
     try:
         _work(study, sweep)
@@ -360,14 +366,15 @@ def _counts(study: Any) -> dict[Any, int]:
     return counts
 
 
-def _sampler(seed: int) -> Any:
+def _sampler(seed: int, trials: int) -> Any:
     """TPE (constant liar: running trials count as bad, so parallel workers spread out), seeded per trial from
     (seed, trial number): one worker's sweep is reproducible, and workers started at once with one seed
-    still draw different values."""
+    still draw different values. Its random start is a third of the trials (at most Optuna's 10), so a
+    12-trial sweep is 4 random trials and 8 guided ones, not 10 and 2."""
     from optuna.samplers import BaseSampler, TPESampler
 
     def tpe(trial_seed: int) -> TPESampler:
-        return TPESampler(seed=trial_seed, constant_liar=True)
+        return TPESampler(seed=trial_seed, constant_liar=True, n_startup_trials=max(2, min(10, trials // 3)))
 
     class TrialSeeded(BaseSampler):
         def __init__(self) -> None:
@@ -487,10 +494,13 @@ def summarize(study: Any, sweep: Sweep) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
-    rows = [{"number": t.number, "state": t.state.name.lower(), "value": _value(t),
+    rows = [{"number": t.number, "state": t.state.name.lower(),
+             "value": _value(t) if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
              "options": t.user_attrs.get("options", {}), "steps": t.user_attrs.get("steps"),
              "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
-             "note": "diverged" if t.user_attrs.get("diverged") else ""} for t in trials]
+             "note": "diverged" if t.user_attrs.get("diverged") else
+             f"resumed {Path(t.user_attrs['resume_from']).name}" if t.user_attrs.get("resume_from") else ""}
+            for t in trials]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     summary: dict[str, Any] = {"study": sweep.study_name, "storage": _shown(sweep.storage),
                                "objective": sweep.options.objective, "direction": sweep.options.direction,
