@@ -60,7 +60,9 @@ class Pruning(Callback):
 
     def __init__(self, trial: Any, objective: str):
         self.trial, self.objective = trial, objective
-        self.values: list[float] = []
+        self.values: list[float] = []  # the objective at each eval
+        self.published: float | None = None  # at the eval with the lowest eval_loss: what --keep-best publishes
+        self.best_loss = math.inf
         self.started = False
 
     def on_start(self, cfg: RunConfig, output: Path, state: dict[str, Any]) -> None:
@@ -71,6 +73,8 @@ class Pruning(Callback):
             return
         value = float(record[self.objective])
         self.values.append(value)
+        if record.get("eval_loss", math.inf) < self.best_loss:
+            self.best_loss, self.published = record["eval_loss"], value
         self.trial.report(value, record["step"])
         if self.trial.should_prune():
             raise StopTraining("pruned")
@@ -237,9 +241,10 @@ def _trial(trial: Any, sweep: Sweep) -> float:
         raise optuna.TrialPruned(f"at step {result.steps}")
     if not pruning.values:
         raise LorakitError(f"trial {trial.number}: no {sweep.options.objective} was logged; check --val-data")
-    keep_best = getattr(sweep.cfg.train, "keep_best", False)  # the published adapter is the best eval's
-    best = min if sweep.options.direction == "minimize" else max
-    return best(pruning.values) if keep_best else pruning.values[-1]
+    # the objective of the adapter the trial published: the lowest eval_loss's with --keep-best, else the last
+    if sweep.cfg.train.keep_best and pruning.published is not None:
+        return pruning.published
+    return pruning.values[-1]
 
 
 # --- storage, study ------------------------------------------------------------------------------
