@@ -121,7 +121,8 @@ class BatchedLora:
 
     def _stacked(self, layer: LoraLayer, x: Tensor, y: Tensor) -> Tensor:
         # x (B, T, in) or (B, in); y (B, T, out) or (B, out). Every adapter of the batch that targets this layer
-        present = [(name, layer.adapters[name]) for name, _ in self.groups if name in layer.adapters]
+        # in name order, so the stack stays valid while requests come and go in another order
+        present = [(name, layer.adapters[name]) for name in sorted(n for n, _ in self.groups) if name in layer.adapters]
         if not present:
             return y
         key = tuple((name, ad.r, ad.scaling * ad.scale) for name, ad in present)
