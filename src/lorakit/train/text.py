@@ -72,7 +72,8 @@ class CausalLMTask:
         self.pad_multiple = precision.pad_multiple(self.bf16, device)
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision="bf16" if self.bf16 else "fp32"))
         loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
-        print(f"step: {layers}; {loss}; precision {why}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank builds the task; one says so
+            print(f"step: {layers}; {loss}; precision {why}", file=sys.stderr)
 
     def _answer_records(self, k: int) -> tuple[list[dict], str]:
         """(the first ``k`` validation records, their format): what ``--eval-generate`` answers at each eval."""
