@@ -98,6 +98,7 @@ def ddp_run(job) -> Path:
     r = torchrun(*args(job, output, "--dropout", "0.1"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 processes (ddp over gloo); global batch 8 = 2 per rank × 2 ranks × 2 grad-accum" in r.stderr
+    assert r.stderr.count("step: fused decoder layers") == 1  # rank 0 alone reports
     return output
 
 
