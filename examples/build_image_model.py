@@ -22,7 +22,7 @@ rebuilds the same weights):
 Then it measures what the model learned (generated background/shape colour and position against the
 caption, on held-out scenes) and writes README.md's figures to build_info.json and a sample grid.
 
-    python examples/build_image_model.py                         # about 45 min on one idle CPU core
+    python examples/build_image_model.py                         # 50 min on one core of a busy 2-core machine (load 12)
     python examples/build_image_model.py --vae-steps 20 --unet-steps 20 --scenes 256 --out /tmp/im
 """
 
@@ -408,10 +408,10 @@ Apache-2.0, as lorakit; its data are drawn by the script, so it inherits no othe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "image-model"))
-    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--scenes", type=int, default=8192, help="cached training scenes for the UNet")
-    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--unet-steps", type=int, default=1200)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval", type=int, default=64, help="held-out scenes generated for the figures")

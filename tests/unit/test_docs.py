@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
@@ -29,3 +30,17 @@ def test_the_card_generator_writes_the_same_words():
     card = ROOT.joinpath("examples", "base-model", "README.md").read_text()
     for start in ("**A demonstration model for its own task.**", "Trained on about a million tokens"):
         assert paragraph(card, start) == paragraph(source, start)
+
+
+def test_the_bundled_image_pipeline_is_small_and_its_card_is_what_the_build_writes():
+    """examples/image-model (issue 13): at most 30 MB, and README.md is the build script's model card of the
+    figures in its build_info.json (a rebuild rewrites both)."""
+    folder = ROOT / "examples" / "image-model"
+    assert (folder / "model_index.json").is_file(), "build it: python examples/build_image_model.py"
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 30_000_000
+    spec = importlib.util.spec_from_file_location("build_image_model", ROOT / "examples" / "build_image_model.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    info = json.loads((folder / "build_info.json").read_text())
+    assert (folder / "README.md").read_text() == build.model_card(info)
+    assert "**A demonstration model for its own task.**" in (folder / "README.md").read_text()
