@@ -13,6 +13,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     dest = Path(path)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".tmp-{dest.name}.")
     os.close(fd)
+    # mkstemp makes the file 0600; the result should have the mode open() would give it (0666 less the umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:
@@ -21,3 +23,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it, which would
+    race with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

@@ -41,7 +41,7 @@ def test_generate_alpaca_input_renders_the_record_as_training_did(capsys):
 def test_eval_names_only_what_it_measured(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--model", BASE, "--data", TEST, "--limit", "2", "--max-new-tokens", "2")
     assert code == 0, err
-    assert err.strip().splitlines()[-1] == f"exact match over 2 examples of {TEST}"
+    assert err.strip().splitlines()[-1] == f"exact match, token F1 and loss over 2 examples of {TEST}"
     retain = tmp_path / "retain.txt"
     retain.write_text("def add(a, b):\n    return a + b\n" * 8)
     code, _, err = run(capsys, "eval", "--model", BASE, "--retain", retain, "--seq-len", "64")

@@ -58,3 +58,17 @@ def test_peak_rss_bytes_is_this_process_high_water_mark():
     block = bytearray(before - rss + 128 * 2**20)  # touched: resident memory goes 128 MiB past the old peak
     block[::4096] = b"z" * len(block[::4096])
     assert peak_rss_bytes() >= before + 120 * 2**20
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """write_atomic's temporary file is mkstemp's 0600; the written file has 0666 less the umask, as open()."""
+    import os
+
+    from lorakit.fileio import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.txt", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

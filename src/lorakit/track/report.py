@@ -71,10 +71,7 @@ def write_report(out: Path, models: list[dict[str, Any]], meta: dict[str, Any]) 
     write_atomic(files[0], lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
     write_atomic(files[1], lambda p: p.write_text(_markdown(models, measured, meta, images), encoding="utf-8"))
     write_atomic(files[2], lambda p: p.write_text(_html(models, measured, meta, images), encoding="utf-8"))
-    written = files + list(images.values())
-    for path in written:  # files to share: readable by others (write_atomic's temporary files are 0600)
-        path.chmod(0o644)
-    return written
+    return files + list(images.values())
 
 
 # --- tables ---------------------------------------------------------------------------------------
