@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorakit.config import load_config
 from lorakit.device import cache_root, hardware_summary
 from lorakit.usage import ChildUsage, run_measured
 
@@ -34,8 +35,9 @@ NEIGHBOURS = {
 }
 
 
-def train(flags: list[str], steps: int, output: Path, env: dict[str, str]) -> ChildUsage:
-    """One `lorakit train` of the quickstart config with ``flags``; its wall, CPU and peak RSS."""
+def train(flags: list[str], steps: int, output: Path, env: dict[str, str]) -> tuple[ChildUsage, str]:
+    """One `lorakit train` of the quickstart config with ``flags``: its wall, CPU and peak RSS, and the
+    precision it ran in (config.yaml records what ``auto`` chose)."""
     cmd = [sys.executable, "-m", "lorakit", "train", "examples/configs/quickstart.yaml", "--output", str(output),
            "--overwrite", "--max-steps", str(steps), *flags]
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "err", "w+") as err:
@@ -44,7 +46,7 @@ def train(flags: list[str], steps: int, output: Path, env: dict[str, str]) -> Ch
         if code != 0:
             err.seek(0)
             sys.exit(f"{' '.join(cmd[2:])} failed (exit {code}):\n{err.read()[-3000:]}")
-    return usage
+    return usage, load_config(output / "config.yaml").train.precision
 
 
 def main() -> None:
@@ -83,10 +85,11 @@ def main() -> None:
                 for name in names:
                     if name == "auto (probe run)":
                         probe_cache.unlink(missing_ok=True)
-                    u = train(settings[name], steps, out, env)
+                    u, ran = train(settings[name], steps, out, env)
                     results[name].append(u)
                     print(f"round {r + 1}/{a.rounds} {name:18s} wall {u.wall_s:6.1f} s  CPU {u.cpu_s:6.1f} s  "
-                          f"peak RSS {u.peak_rss_mb:6.0f} MiB  (load {os.getloadavg()[0]:.2f})", flush=True)
+                          f"peak RSS {u.peak_rss_mb:6.0f} MiB  ran in {ran}  (load {os.getloadavg()[0]:.2f})",
+                          flush=True)
         finally:
             if neighbour is not None:
                 neighbour.kill()
