@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 exec > >(tee gpu-benchmark.log) 2>&1
 started=$SECONDS
 
+command -v nvidia-smi >/dev/null || { echo "gpu.sh: no nvidia-smi here; this script is for a CUDA machine"; exit 1; }
 if [ -z "${VIRTUAL_ENV:-}" ]; then
-  "${PYTHON:-python3}" -m venv .venv-gpu
+  "${PYTHON:-python3}" -m venv .venv-gpu || { echo "gpu.sh: could not create .venv-gpu (on Debian/Ubuntu: apt install python3-venv), or activate a virtual environment first"; exit 1; }
   . .venv-gpu/bin/activate
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
