@@ -95,7 +95,7 @@ def _sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML run config (the trials' fixed part) with an optional sweep: "
                    "space; flags override it")
     add_config_flags(p, root=SweepRunConfig)
-    add_config_flags(p)
+    add_config_flags(p, exclude=("resume", "overwrite", "parent-run-id"))  # the sweep sets them for each trial
 
     def run(a: argparse.Namespace) -> int:
         from lorakit.config import load_config, option_names
@@ -125,7 +125,8 @@ def _lr_find(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--diverge", type=float, default=4.0,
                    help="stop once the smoothed loss exceeds this times its best (default 4)")
     add_config_flags(p, exclude=("lr", "max-steps", "epochs", "schedule", "warmup-steps", "save-every", "keep-last",
-                                 "eval-every", "patience", "resume", "overwrite"))
+                                 "eval-every", "patience", "eval-generate", "keep-best", "log-every", "resume",
+                                 "overwrite", "track", "experiment", "run-name", "parent-run-id"))
 
     def run(a: argparse.Namespace) -> int:
         from lorakit.config import load_config
