@@ -56,7 +56,8 @@ def _layer(layer: nn.Module, x: Tensor, attention_mask: Tensor | None, position_
     x = x + attn.o_proj(attention(q, k, v, attention_mask))  # (B, S, H)
     h = rms_norm(x, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm))
     gate, up = _projections(h, [mlp.gate_proj, mlp.up_proj], dtype, layer.training)  # (B, S, I)
-    return x + mlp.down_proj(F.silu(gate).mul_(up))
+    # out of place: an in-place mul_ makes autograd clone silu's output for backward (one more (B, S, I) copy)
+    return x + mlp.down_proj(F.silu(gate) * up)
 
 
 def _projections(x: Tensor, modules: list[nn.Module], dtype: torch.dtype, training: bool) -> list[Tensor]:
