@@ -105,7 +105,6 @@ def test_two_workers_share_one_study(task, tmp_path, backend):
     ran = [int(line.split()[2].rstrip(":")) for _, err in outs for line in err.splitlines()
            if line.startswith("sweep: trial ")]
     assert sorted(ran) == list(range(4))  # each trial run once, by one worker
-    assert all(any(line.startswith("sweep: trial ") for line in err.splitlines()) for _, err in outs)  # both worked
     import optuna
 
     if backend == "postgresql":
@@ -181,11 +180,13 @@ def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(task, tmp_path,
     import time
 
     output = tmp_path / "sweep"
-    args = sweep_args(task, output, "--trials", "2", "--max-steps", "60", "--save-every", "10", "--eval-every", "30")
+    # no --save-every: Ctrl-C writes a checkpoint at the step it stops
+    args = sweep_args(task, output, "--trials", "2", "--max-steps", "100", "--eval-every", "50")
     worker = subprocess.Popen([sys.executable, "-m", "lorakit", *map(str, args)], stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 240
-    while not list((output / "trial-0001" / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+    metrics = output / "trial-0001" / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text()) and time.monotonic() < deadline:  # trial 1 is training
         assert worker.poll() is None, worker.stderr.read()
         time.sleep(0.2)
     worker.send_signal(signal.SIGINT)
@@ -200,4 +201,4 @@ def test_interrupted_sweep_resumes_its_trial_from_the_checkpoint(task, tmp_path,
     assert [(t["number"], t["state"]) for t in trials] == [(0, "complete"), (1, "fail"), (2, "complete")]
     assert trials[2]["note"] == "resumed trial-0001" and trials[2]["options"] == trials[1]["options"]
     assert not (output / "trial-0002").exists()
-    assert [r["step"] for r in records(output / "trial-0001") if "loss" in r] == list(range(1, 61))
+    assert [r["step"] for r in records(output / "trial-0001") if "loss" in r] == list(range(1, 101))
