@@ -244,6 +244,8 @@ class Engine:
                     log.exception("prefill failed")
                     req.finished = True
                     events.append((req, Output(finish="error", error=f"generation failed: {type(e).__name__}: {e}")))
+                self.deliver(events)  # its first token goes out now, not after the other prefills and the decode
+                events = []
             self._leave()
             if self._running:
                 self._decode(events)
