@@ -158,7 +158,8 @@ def main() -> None:
 
     from lorakit.device import hardware_summary
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    # no MLflow tracking in lorakit's runs: the diffusers loop logs nothing either
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "LORAKIT_TRACK": "0"}
     runs: dict[str, list[dict]] = {"lorakit": [], "diffusers": []}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
