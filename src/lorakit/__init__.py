@@ -8,6 +8,10 @@ import os as _os
 # ran 8x slower than --threads 1 beside one busy process. Read once, when torch loads its OpenMP runtime,
 # so it is set here, before anything below imports torch; a user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# --compile's kernels go to lorakit's cache (device.cache_root), reused by later runs. Set here too, since
+# importing transformers' stack sets torch's default (/tmp/torchinductor_$USER) before train/compile.py runs.
+_os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _os.path.join(
+    _os.path.expanduser(_os.environ.get("LORAKIT_CACHE", "~/.cache/lorakit")), "inductor"))
 
 from lorakit.config import LoraConfig, RunConfig, load_config
 from lorakit.errors import LorakitError

@@ -261,14 +261,16 @@ def test_precision_probe_is_cached_and_leaves_no_trace(tmp_path, monkeypatch):
     assert precision.resolve("fp32", torch.device("cpu"), torch.float32, key, probe)[0] is False
 
 
-def test_lorakit_sets_passive_omp_wait_policy_before_torch_loads():
+def test_lorakit_sets_passive_omp_wait_policy_before_torch_loads(tmp_path):
     """GNU OpenMP reads OMP_WAIT_POLICY once, when torch loads it: ``import lorakit`` sets PASSIVE first
-    (``os.environ.setdefault``: a user's own value is kept)."""
-    code = ("import os, sys; assert 'torch' not in sys.modules; import lorakit; "
-            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    (``os.environ.setdefault``: a user's own value is kept). --compile's kernel cache is lorakit's, though
+    importing the training stack would set torch's own default first."""
+    code = ("import os, sys; assert 'torch' not in sys.modules; import lorakit; import lorakit.train.text; "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules, os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TORCHINDUCTOR_CACHE_DIR")}
+    env["LORAKIT_CACHE"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["PASSIVE", "True"]
+    assert out.stdout.split() == ["PASSIVE", "True", str(tmp_path / "inductor")]
 
 
 def test_causal_mask_is_cached_per_length():
