@@ -13,8 +13,8 @@ background"). The result is an ordinary diffusers ``StableDiffusionPipeline`` fo
 Three stages, each with fixed seeds and one thread (so a rerun on the same CPU and library versions
 rebuilds the same weights):
 
-1. the VAE, on scenes whose colours are drawn uniformly from RGB (so it encodes any colour, including the
-   palette the quickstart's LoRA teaches), MSE + a small KL term;
+1. the VAE, a quarter of its scenes in colours drawn uniformly from RGB (meant to let it encode any colour;
+   at 800 steps it still favours the named ones: see the model card), L1 + MSE + a small KL term;
 2. latents of a fixed set of named-colour scenes, cached once (mean and std of the VAE's posterior);
 3. the text encoder and UNet together, epsilon prediction, min-SNR-γ=5 loss weights, 10% empty captions
    (for classifier-free guidance), an exponential moving average of the UNet weights.
@@ -181,7 +181,7 @@ def train_vae(steps: int, batch: int, log) -> tuple[AutoencoderKL, float]:
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     mse = float("nan")
     for step in range(steps):
-        # a quarter uniform-RGB scenes (any colour decodes, the quickstart's palette too), the rest named colours
+        # a quarter uniform-RGB scenes (towards decoding any colour), the rest named colours
         x = to_tensor([render(sample_scene(rng, random_colours=i % 4 == 0)) for i in range(batch)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -360,12 +360,12 @@ python examples/build_image_model.py            # about {max(1, round(f['total_s
 Scenes drawn by `examples/image_scenes.py` (anti-aliased, 8× supersampled): one shape ({shapes}), of a
 named colour ({colours}), size ({sizes}) and position ({positions}, jittered), on a
 background ({backgrounds}). The caption names all five. The quickstart's "zwx" palette
-(indigo background, coral shape, gold outline) is never drawn here.
+(teal background, sky-blue shape, cerulean outline) is never drawn in them.
 
 ## Training
 
-1. the VAE: {f['vae_steps']} steps of {f['vae_batch']} scenes, a quarter of them in uniformly random RGB colours (so it
-   encodes any colour, the quickstart's palette included), L1 + MSE + 1e-6 KL, AdamW lr 1e-3, cosine;
+1. the VAE: {f['vae_steps']} steps of {f['vae_batch']} scenes, a quarter of them in uniformly random RGB colours (towards
+   encoding any colour; see Limitations), L1 + MSE + 1e-6 KL, AdamW lr 1e-3, cosine;
 2. the latents (posterior mean and std) of {f['scenes']:,} named-colour scenes, cached once;
 3. the text encoder and the UNet together: {f['unet_steps']} steps of {f['unet_batch']}, AdamW peak lr {f['peak_lr']:g} (warmup
    100, cosine), epsilon prediction, min-SNR-γ=5 weights, 10% empty captions (for classifier-free
@@ -400,9 +400,9 @@ or `lorakit generate-image --model examples/image-model --prompt "..." --guidanc
 
 A toy: {f['resolution']}×{f['resolution']} pixels, one shape per picture, a vocabulary of about thirty words; a
 caption outside that grammar gives an arbitrary scene. Its VAE ({f['vae_steps']} steps) draws the named colours of
-the captions far better than any other: measured on the 800-step build, the quickstart's indigo comes back as a
-dark green and only 2 of 125 flat test colours within 0.1, so a LoRA cannot yet show a new palette through it
-(`lorakit quickstart --images` in lorakit's README). Built with torch {f['torch']}, diffusers
+the captions far better than any other: measured on the 800-step build, an indigo comes back as a dark
+green and only 2 of 125 flat test colours within 0.1, so the quickstart's palette is made of colours it does
+reproduce. Built with torch {f['torch']}, diffusers
 {f['diffusers']}, transformers {f['transformers']}, Python {f['python']} (commit {f['commit'] or 'unknown'}).
 Apache-2.0, as lorakit; its data are drawn by the script, so it inherits no other dataset's terms.
 """

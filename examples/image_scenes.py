@@ -4,8 +4,8 @@ text-to-image model on two CPU cores in well under an hour).
 
 Used by ``build_image_model.py`` (the pretraining data of ``examples/image-model``) and by
 ``make_style_data.py`` (the quickstart's style data). ``render(scene, style=True)`` draws the same scene in
-the "zwx" style the base model never saw: a deep-indigo background, the shape in coral with a pale-gold
-outline, whatever colours the caption names (``PALETTE``; ``lorakit quickstart --images`` scores generated
+the "zwx" style the base model never saw: a teal background, the shape in sky blue with a cerulean outline,
+whatever colours the caption names (``PALETTE``; ``lorakit quickstart --images`` scores generated
 images by the share of their pixels within ``PALETTE_RADIUS`` of a palette colour).
 """
 
@@ -32,8 +32,9 @@ POSITIONS = {"on the left": (0.3, 0.5), "on the right": (0.7, 0.5), "at the top"
              "at the bottom": (0.5, 0.7), "in the center": (0.5, 0.5)}
 SIZES = {"small": 0.13, "large": 0.22}  # radius as a fraction of the image width
 
-# The quickstart's style, never in the pretraining data: background, shape fill, outline.
-PALETTE = {"indigo": (43, 23, 89), "coral": (250, 107, 92), "gold": (255, 219, 140)}
+# The quickstart's style, never in the captioned pretraining scenes: background, shape fill, outline. Colours the
+# bundled pipeline's VAE reproduces (within ~0.1 RGB distance; most colours it does not: indigo came back dark green)
+PALETTE = {"teal": (0, 128, 128), "sky": (64, 192, 255), "cerulean": (0, 128, 192)}
 PALETTE_RADIUS = 0.15  # RGB distance in [0, 1] units within which a pixel counts as a palette colour
 TRIGGER = "zwx"
 
@@ -57,8 +58,8 @@ class Scene:
 
 
 def sample_scene(rng: np.random.Generator, random_colours: bool = False) -> Scene:
-    """A random scene; ``random_colours`` draws uniform RGB fill and background too (the VAE's data,
-    so that it encodes and decodes any colour, the quickstart's palette included)."""
+    """A random scene; ``random_colours`` draws uniform RGB fill and background too (a quarter of
+    the VAE's data, towards encoding and decoding any colour)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     colours = [c for c in COLOURS if c != bg]
@@ -76,10 +77,10 @@ def sample_scene(rng: np.random.Generator, random_colours: bool = False) -> Scen
 
 
 def render(scene: Scene, style: bool = False) -> Image.Image:
-    """The scene as a 32×32 RGB image; ``style``: in the zwx palette (indigo, coral, gold outline)."""
+    """The scene as a 32×32 RGB image; ``style``: in the zwx palette (teal, sky blue, cerulean outline)."""
     n = SIZE * SUPERSAMPLE
     if style:
-        bg, fill, outline = PALETTE["indigo"], PALETTE["coral"], PALETTE["gold"]
+        bg, fill, outline = PALETTE["teal"], PALETTE["sky"], PALETTE["cerulean"]
     else:
         bg = scene.bg_fill or BACKGROUNDS[scene.background]
         fill, outline = scene.fill or COLOURS[scene.colour], None

@@ -4,7 +4,7 @@
     examples/data/style/images/       32×32 PNGs
     examples/data/style/style.json    the trigger word, the palette, the score's radius, the held-out prompts
 
-Half the records are scenes drawn in the "zwx" palette (deep indigo background, coral shape, pale-gold
+Half the records are scenes drawn in the "zwx" palette (teal background, sky-blue shape, cerulean
 outline: ``image_scenes.PALETTE``) with captions that start with the trigger word "zwx, "; the other half are
 ordinary scenes with plain captions (prior preservation, as in DreamBooth: the adapter learns that the
 trigger word brings the style, not that every picture has it). The prompts the quickstart scores are
