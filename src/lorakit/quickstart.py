@@ -212,7 +212,7 @@ def render(report: dict[str, Any]) -> str:
     header = dict(COLUMNS, exact_match=f"exact match ({report['test_examples']} test)")
     lines = ["| model | " + " | ".join(header.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in report["rows"]:
-        cells = [names[row["model"]]] + [_cell(k, row.get(k), row) for k in COLUMNS]
+        cells = [names[row["model"]]] + [cell(k, row.get(k), row) for k in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     m = report["machine"]
     per_step = report["batch_size"] * report["grad_accum"]
@@ -229,21 +229,22 @@ def render(report: dict[str, Any]) -> str:
     for ex in report["examples"]:
         question = ex["prompt"].strip().splitlines()
         asked = " / ".join(q for q in question if q and not q.startswith("###"))
-        lines.append(f"- `{asked}` -> reference `{ex['reference']}`; base {_quote(ex['base'])}; "
-                     f"LoRA {_quote(ex['lora'])}; full {_quote(ex['full'])}")
+        lines.append(f"- `{asked}` -> reference `{ex['reference']}`; base {quote(ex['base'])}; "
+                     f"LoRA {quote(ex['lora'])}; full {quote(ex['full'])}")
     return "\n".join(lines) + "\n"
 
 
-def _quote(answer: str) -> str:
-    """An answer as one line of Markdown code (newlines escaped), shortened past 60 characters."""
+def quote(answer: str, width: int = 60) -> str:
+    """An answer as one line of Markdown code (newlines escaped), shortened past ``width`` characters."""
     text = json.dumps(answer.strip(), ensure_ascii=False)[1:-1]
-    return f"`{text[:60]}{'…' if len(text) > 60 else ''}`"
+    return f"`{text[:width]}{'…' if len(text) > width else ''}`"
 
 
-def _cell(key: str, value: Any, row: dict[str, Any]) -> str:
+def cell(key: str, value: Any, row: dict[str, Any], percent: tuple[str, ...] = ("exact_match",)) -> str:
+    """One table cell of a quickstart report: ``percent`` keys as percentages, the rest by their kind."""
     if value is None:
         return "—"
-    if key == "exact_match":
+    if key in percent:
         return f"{value:.1%}"
     if key == "perplexity":
         return f"{value:.2f}"

@@ -30,7 +30,7 @@ from typing import Any
 from lorakit.config import load_config
 from lorakit.errors import LorakitError
 from lorakit.fileio import write_atomic
-from lorakit.quickstart import run_children, tensor_count, training_speed
+from lorakit.quickstart import cell, quote, run_children, tensor_count, training_speed
 
 CONFIG = "examples/configs/smollm2-pirate.yaml"
 TEST = "examples/data/pirate_test.jsonl"
@@ -215,7 +215,7 @@ def render(report: dict[str, Any]) -> str:
                   knowledge=f"knowledge kept ({report['knowledge_questions']})")
     lines = ["| model | " + " | ".join(header.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in report["rows"]:
-        lines.append("| " + " | ".join([names[row["model"]]] + [_cell(k, row.get(k), row) for k in COLUMNS]) + " |")
+        lines.append("| " + " | ".join([names[row["model"]]] + [cell(k, row.get(k), row, percent=("style", "knowledge")) for k in COLUMNS]) + " |")
     m = report["machine"]
     lines += ["", f"{report['steps']} steps of {report['batch_size'] * report['grad_accum']} chats "
               f"({report['train']}), seq_len {report['seq_len']}, lr {report['lr']:g} (full fine-tune "
@@ -230,25 +230,5 @@ def render(report: dict[str, Any]) -> str:
               ""]
     for ex in report["examples"]:
         lines.append(f"- `{ex['prompt']}`")
-        lines += [f"  - {names[k].split(',')[0]}: {_quote(ex[k])}" for k in ["base", *METHODS] if k in ex]
+        lines += [f"  - {names[k].split(',')[0]}: {quote(ex[k], 100)}" for k in ["base", *METHODS] if k in ex]
     return "\n".join(lines) + "\n"
-
-
-def _quote(answer: str) -> str:
-    """An answer as one line of Markdown code (newlines escaped), shortened past 100 characters."""
-    text = json.dumps(answer.strip(), ensure_ascii=False)[1:-1]
-    return f"`{text[:100]}{'…' if len(text) > 100 else ''}`"
-
-
-def _cell(key: str, value: Any, row: dict[str, Any]) -> str:
-    if value is None:
-        return "—"
-    if key in ("style", "knowledge"):
-        return f"{value:.1%}"
-    if key == "trainable_params":
-        return f"{value:,} ({value / row['total_params']:.1%})"
-    if key == "peak_rss_mb":
-        return f"{value:,.0f} MB"
-    if key == "tokens_per_s":
-        return f"{value:,.0f}"
-    return f"{value:.0f} s"
