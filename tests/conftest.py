@@ -63,3 +63,25 @@ def randomize_lora(model, std: float = 0.1, seed: int = 1) -> None:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def sigkill_once(cmd: list, folder, timeout: float = 300, **popen_kw) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``folder`` (a checkpoint) exists: the hard crash an exact resume
+    must survive. Fails if the run ends on its own first (its stderr shown) or ``folder`` takes ``timeout`` s."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **popen_kw)
+    try:
+        deadline = time.monotonic() + timeout
+        while not Path(folder).is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, f"no {folder} in {timeout} s"
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+    finally:
+        proc.wait()
+        proc.stderr.close()

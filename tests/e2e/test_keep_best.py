@@ -13,10 +13,7 @@ import contextlib
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from safetensors.torch import load_file
 
 from lorakit.config import load_config
 from lorakit.train.loop import TrainResult, train
+from tests.conftest import sigkill_once
 from tests.e2e.test_train import build_tiny_model, records, write_task
 
 OTHER = "hello world, the quick brown fox"
@@ -132,16 +130,9 @@ def test_resume_after_sigkill_publishes_the_same_best_adapter(case, run, tmp_pat
     expected_output, _, _ = run
     best = min(evals(expected_output), key=lambda r: r["eval_loss"])["step"]
     output = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *cli_args(flags(case, output))], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:  # killed once a checkpoint after the best step is written: its best/ must carry the best adapter
-        while not (output / "checkpoints" / f"step-{best + 2}").is_dir():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    # killed once a checkpoint after the best step is written: its best/ must carry the best adapter
+    sigkill_once([sys.executable, "-m", "lorakit", *cli_args(flags(case, output))],
+                 output / "checkpoints" / f"step-{best + 2}", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert not (output / "adapter_model.safetensors").exists()
 
     assert main(cli_args(flags(case, output, resume=True))) == 0

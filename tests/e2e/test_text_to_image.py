@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from safetensors.torch import load_file
 from lorakit.cli import main
 from lorakit.config import load_config
 from lorakit.train.loop import train
+from tests.conftest import sigkill_once
 from tests.e2e.tiny_pipeline import RESOLUTION, build_pipeline, write_images
 
 pytest.importorskip("diffusers")
@@ -158,14 +156,7 @@ def test_resume_after_sigkill_gives_the_same_adapter(run, base, data, tmp_path):
     for k, v in FLAGS.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-2").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_once(args, out / "checkpoints" / "step-2", timeout=120, env=env)
     assert not (out / "checkpoints" / "step-6").exists()  # killed mid-run
     train(load_config(str(out / "config.yaml"), {"resume": True}))
     resumed, straight = load_file(out / "pytorch_lora_weights.safetensors"), load_file(run / "pytorch_lora_weights.safetensors")

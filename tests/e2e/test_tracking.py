@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import sigkill_once
 from tests.e2e.test_train import ADAPTER_FILES, build_tiny_model, in_process, records, write_task
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch")
@@ -115,19 +116,8 @@ def test_default_store_records_the_run_and_resume_after_sigkill_continues_it(tas
     monkeypatch.setenv("LORAKIT_TRACK", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     output = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *train_args(task, output, max_steps=24)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (output / "checkpoints" / "step-2").is_dir():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no checkpoint in 180 s"
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
+    sigkill_once([sys.executable, "-m", "lorakit", *train_args(task, output, max_steps=24)],
+                 output / "checkpoints" / "step-2", timeout=180, cwd=tmp_path)
     first = json.loads((output / "mlflow_run.json").read_text())
     assert first["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert {"mlflow.db"} <= {p.name for p in tmp_path.iterdir()}

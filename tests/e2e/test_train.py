@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_llama
+from tests.conftest import sigkill_once, tiny_llama
 
 ANSWER = "The answer is forty two."
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -141,17 +139,8 @@ def test_peft_loads_the_adapter_with_the_same_logits(run, task):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_adapter(run, task, tmp_path):
     output = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lorakit", *map(str, train_args(task, output))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        while not (output / "checkpoints" / "step-2").is_dir():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    sigkill_once([sys.executable, "-m", "lorakit", *train_args(task, output)], output / "checkpoints" / "step-2",
+                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert not (output / "adapter_model.safetensors").exists()
 
     r = lorakit(*train_args(task, output, "--resume"))
