@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data.formats import CHAT_FORMATS, chat_messages, detect_file_format, read_records, to_segments
+from lorakit.data.formats import CHAT_FORMATS, detect_file_format, read_records, reference_answer, to_segments
 from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id, tokenize_records, valid_records
 from lorakit.errors import LorakitError
 from lorakit.generate import chat_prompt, chat_stop, encode_prompt
@@ -94,12 +94,9 @@ def load_eval_records(path: str | Path, fmt: str = "auto", limit: int | None = N
 
 
 def _reference(record: dict, fmt: str) -> str:
-    if fmt == "alpaca":
-        return record["output"]
-    if fmt == "prompt_completion":
-        return record["completion"]
-    if fmt in CHAT_FORMATS:
-        return [m["content"] for m in chat_messages(record, fmt) if m["role"] == "assistant"][-1]
+    answer = reference_answer(record, fmt)
+    if answer is not None:
+        return answer
     raise LorakitError(f"format {fmt!r} has no answer to compare with; use alpaca, chat or prompt_completion")
 
 

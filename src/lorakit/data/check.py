@@ -44,6 +44,7 @@ from lorakit.data.formats import (
     example_text,
     iter_records,
     prompt_text,
+    reference_answer,
     to_segments,
     validate_record,
 )
@@ -138,23 +139,12 @@ def _scan(path: str, fmt: str, tokenizer: Any) -> tuple[list[tuple[int, dict]], 
     return valid, [f"{path}:{line}: {p}" for line, p in sorted(errors, key=lambda e: e[0])], fmt
 
 
-def _answer(record: dict, fmt: str) -> str | None:
-    """What the model is trained to reply (a conversation's last assistant turn); None for plain text."""
-    if fmt == "alpaca":
-        return record["output"]
-    if fmt == "prompt_completion":
-        return record["completion"]
-    if fmt in CHAT_FORMATS:
-        return [m["content"] for m in chat_messages(record, fmt) if m["role"] == "assistant"][-1]
-    return None
-
-
 def _answer_balance(report: CheckReport, valid: list[tuple[int, dict]], region: str) -> None:
     """How many answers, how many distinct (normalized), the most frequent and its share."""
     answers: Counter[str] = Counter()
     first_seen: dict[str, str] = {}  # normalized answer -> the text as first written
     for _, record in valid:
-        if (answer := _answer(record, report.format)) is not None:
+        if (answer := reference_answer(record, report.format)) is not None:
             answers[normalize(answer)] += 1
             first_seen.setdefault(normalize(answer), answer.strip())
     if not answers:

@@ -259,6 +259,18 @@ def chat_messages(record: dict, fmt: str) -> list[dict[str, str]]:
     return out
 
 
+
+def reference_answer(record: dict, fmt: str) -> str | None:
+    """What a valid record trains the model to reply (a conversation's last assistant turn); None for text."""
+    if fmt == "alpaca":
+        return record["output"]
+    if fmt == "prompt_completion":
+        return record["completion"]
+    if fmt in CHAT_FORMATS:
+        return [m["content"] for m in chat_messages(record, fmt) if m["role"] == "assistant"][-1]
+    return None
+
+
 # --- rendering ----------------------------------------------------------------------------------
 
 
