@@ -100,7 +100,13 @@ def train(cfg: RunConfig, callbacks: list[Callback] | tuple[Callback, ...] = ())
     hooks = [*default_callbacks(cfg), *callbacks] if dist.is_main else []
     try:
         with StopSignals() as stop:
-            return _train(cfg, stop, dist, hooks)
+            try:
+                return _train(cfg, stop, dist, hooks)
+            except RuntimeError as e:
+                if not dist.lost_peer(e):
+                    raise
+                raise LorakitError(f"rank {dist.rank}: lost the other ranks ({dist.describe(e)}); the newest "
+                                   f"complete checkpoint in {cfg.train.output} is intact: rerun with --resume") from None
     except BaseException as e:
         for hook in hooks:
             hook.on_error(e)
@@ -120,21 +126,7 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     return hooks
 
 
-def _lost_peer_message(cfg: RunConfig, dist: Distributed, e: RuntimeError) -> LorakitError:
-    return LorakitError(f"rank {dist.rank}: lost the other ranks ({dist.describe(e)}); the newest complete "
-                        f"checkpoint in {cfg.train.output} is intact: rerun with --resume")
-
-
 def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Callback]) -> TrainResult:
-    try:
-        return _train_steps(cfg, stop, dist, hooks)
-    except RuntimeError as e:
-        if not dist.lost_peer(e):
-            raise
-        raise _lost_peer_message(cfg, dist, e) from None
-
-
-def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Callback]) -> TrainResult:
     t = cfg.train
     output = Path(t.output)
     # a torchrun restart (--max-restarts) reruns the same command: it continues the run, never replaces it
@@ -180,7 +172,7 @@ def _train_steps(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: li
         write_atomic(output / "metrics.jsonl", lambda p: p.write_text(""))
     stream = BatchStream(task, t.batch_size, state["epoch"], state["batch_index"], dist)
     metrics = open(output / "metrics.jsonl" if dist.is_main else os.devnull, "a")  # rank 0 logs
-    overfit = OverfitWatch(state.setdefault("overfit", {}))
+    overfit = OverfitWatch(state["overfit"])
     save_result = with_best(task.save_result, output)  # a checkpoint carries the best result so far too
 
     halt: list[str] = []  # a hook's StopTraining reason: the run ends after this step
