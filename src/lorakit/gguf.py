@@ -36,7 +36,7 @@ from typing import Any
 
 from lorakit.device import cache_root
 from lorakit.errors import LorakitError
-from lorakit.fileio import write_atomic
+from lorakit.fileio import sha256_file, write_atomic
 
 MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -108,11 +108,7 @@ def file_sha256(path: Path) -> str:
         seen = json.loads(memo.read_text())
         if {k: seen.get(k) for k in key} == key and isinstance(seen.get("sha256"), str):
             return seen["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    sha = digest.hexdigest()
+    sha = sha256_file(path)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run a rehash
         memo.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(memo, lambda p: p.write_text(json.dumps({**key, "sha256": sha})))

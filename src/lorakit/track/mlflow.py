@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.config import config_to_dict
-from lorakit.fileio import write_atomic
+from lorakit.fileio import sha256_file, write_atomic
 from lorakit.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -141,11 +141,7 @@ def sha256_of(path: Path) -> str:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(f"{f.relative_to(path).as_posix()}\0{sha256_of(f)}\n".encode())
         return digest.hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

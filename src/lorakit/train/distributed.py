@@ -35,7 +35,6 @@ rank 0 writing a checkpoint) wait on a separate group with a long timeout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -54,6 +53,7 @@ from torch import nn
 from lorakit.config import RunConfig, config_to_dict
 from lorakit.device import cpu_threads
 from lorakit.errors import LorakitError, ReportedElsewhere
+from lorakit.fileio import sha256_file
 from lorakit.train.checkpoint import rng_tensors
 
 T = TypeVar("T")
@@ -406,7 +406,6 @@ def setup(cfg: RunConfig) -> Distributed:
 
 def _file_sha256(path: Path) -> str:
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        return sha256_file(path)[:16]
     except OSError as e:
         return f"unreadable ({e.strerror})"
