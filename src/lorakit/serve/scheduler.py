@@ -295,7 +295,10 @@ class Engine:
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor, adapters: list[str | None]) -> Tensor:
         kwargs = {self._cache_kw: self.cache, "use_cache": True}
         if self._keep_last:
-            kwargs["logits_to_keep"] = 1
+            # the last position as an index, not the int 1: a slice [:, -1:] of (1, n, dim) keeps the stride
+            # n·dim on its batch dimension, which sends the head's matmul to a bmm that first copies the whole
+            # (vocab, dim) weight, 120 ms for a 32000 x 512 head; an index gathers a contiguous (B, 1, dim)
+            kwargs["logits_to_keep"] = torch.tensor([ids.shape[1] - 1], device=self.device)
         with self.registry.batched.route(adapters, self.device):
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, **kwargs)
         return out.logits[:, -1].float()  # (B, vocab)
