@@ -25,6 +25,7 @@ import lorakit
 from lorakit.lora.fused import project
 from lorakit.lora.layer import LoraLinear
 from lorakit.train import fastpath, fused_loss, precision
+from lorakit.train.compile import compile_layers
 from lorakit.train.kernels import additive_mask, attention, rms_norm, rope
 from tests.conftest import randomize_lora, rel_err, tiny_llama
 
@@ -164,6 +165,7 @@ def logits_and_grads(model, ids, mask, bf16: bool):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fused_decoder_layers_equal_transformers_layers(method, monkeypatch):
+    """The eager fast path (train/fastpath.py)."""
     model = tiny_llama(hidden=64, layers=2)
     if method == "lora":
         lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8))
@@ -214,9 +216,40 @@ def test_fused_head_only_where_logits_are_the_plain_head():
     assert fused_loss.fused_head(model) is None  # a LoRA-wrapped head keeps the reference loss
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_compiled_layers_are_one_graph_and_equal_transformers_layers(method):
+    """--compile on a Llama: train/compile.py's plain layer, captured by dynamo as one graph per call
+    (fullgraph=True raises at the first break; the eager backend: capture is what decides breaks, Inductor's
+    code generation is not run here), forward and gradients equal to transformers' layers, padding included."""
+    model = tiny_llama(hidden=64, layers=2)
+    if method == "lora":
+        lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                               "o_proj", "gate_proj", "down_proj"]))
+        randomize_lora(model)  # up_proj left plain: a group with and without an adapter
+    model.config.use_cache = False
+    model.train()
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    assert compile_layers(compiled, backend="eager", fullgraph=True).startswith("torch.compile'd fused decoder")
+    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 15:], mask[2, 6:] = 0, 0
+    truth = logits_and_grads(model, ids, mask, bf16=False)
+    for bf16 in (False, True):
+        ref, ours = logits_and_grads(model, ids, mask, bf16), logits_and_grads(compiled, ids, mask, bf16)
+        assert len(ours) == len(truth)
+        for a, r, t in zip(ours, ref, truth, strict=True):
+            if not bf16:
+                assert rel_err(a, r) < 1e-5
+            else:
+                close_as_reference(a, r, t)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
 def test_compiled_decoder_layer_has_no_graph_breaks():
-    """--compile: dynamo captures transformers' layer with the LoRA autograd function inside as one graph
-    (fullgraph=True raises at the first break). The eager backend: graph capture is what decides breaks."""
+    """--compile on a layer the plain path does not take: dynamo captures transformers' layer with the LoRA
+    autograd function inside as one graph (fullgraph=True raises at the first break)."""
     model = tiny_llama(hidden=64)
     lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8))
     model.config.use_cache = False
