@@ -43,9 +43,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit
 from lorakit.device import bf16_native, cpu_threads, hardware_summary, use_bf16
 from lorakit.train import fastpath
+from lorakit.train.causal_loss import shifted_hidden
 from lorakit.train.compile import compile_layers
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
-from lorakit.train.text import shifted_hidden
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

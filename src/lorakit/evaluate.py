@@ -29,6 +29,7 @@ from lorakit.data.tokenize import IGNORE_INDEX, pad_token_id, tokenize_records, 
 from lorakit.errors import LorakitError
 from lorakit.generate import chat_prompt, chat_stop, encode_prompt
 from lorakit.lora import disable_adapters, lora_layers, set_adapter
+from lorakit.train.causal_loss import evaluate as label_loss
 
 __all__ = ["Prediction", "Report", "answer_scores", "compare_adapters", "compare_with_base", "contains_answer", "evaluate_model",
            "exact_match", "generate_answers", "knowledge", "load_eval_records", "load_knowledge", "perplexity",
@@ -298,9 +299,6 @@ def data_loss(model: nn.Module, tokenizer: Any, records: list[dict], fmt: str, s
               batch_size: int = 8) -> float:
     """Mean next-token loss over the reference answers' tokens of ``records``, tokenized (and truncated to
     ``seq_len``) as ``lorakit train`` does: the same number as a run's ``eval_loss`` on this file."""
-    # the training task's own loss (lazy: lorakit.train.text imports this module for --eval-generate)
-    from lorakit.train.text import evaluate as label_loss
-
     examples = [ex for ex in tokenize_records(records, fmt, tokenizer, seq_len)
                 if any(t != IGNORE_INDEX for t in ex["labels"][1:])]
     if not examples:

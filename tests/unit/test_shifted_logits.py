@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.train.text import _takes_logits_to_keep, shifted_logits
+from lorakit.train.causal_loss import _takes_logits_to_keep, shifted_logits
 from tests.conftest import tiny_gpt2, tiny_llama
 
 

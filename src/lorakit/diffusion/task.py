@@ -47,6 +47,8 @@ class TextToImageTask:
     (``unet`` or ``transformer``, plus ``text_encoder``… with --train-text-encoder), so checkpoint keys
     and the adapter file's keys are diffusers' own."""
 
+    unit = "img"
+
     def __init__(self, cfg: RunConfig):
         d, t = cfg.diffusion, cfg.train
         self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(

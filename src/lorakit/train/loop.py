@@ -188,7 +188,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
 
     for hook in hooks:
         hook.on_start(cfg, output, dict(state))
-    progress = _Progress(total_steps, state["step"], shown=dist.is_main)  # its tokens/s clock starts here
+    progress = _Progress(total_steps, state["step"], shown=dist.is_main, unit=task.unit)  # its clock starts here
 
     # --- the loop: one optimizer step per iteration ----------------------------------------------------
     step, loss, eval_loss, stopped = state["step"], None, None, "done"
@@ -361,10 +361,11 @@ def _check_same_run(saved_path: Path, cfg: RunConfig) -> None:
 
 
 class _Progress:
-    """A rich progress bar (loss, lr, tokens/s, ETA) when stderr is a terminal; else a plain line every ~10%."""
+    """A rich progress bar (loss, lr, tokens or images per second, ETA) when stderr is a terminal; else a plain
+    line every ~10%."""
 
-    def __init__(self, total: int, start: int, shown: bool = True):
-        self.total, self.every, self.shown = total, max(1, total // 10), shown
+    def __init__(self, total: int, start: int, shown: bool = True, unit: str = "tok"):
+        self.total, self.every, self.shown, self.unit = total, max(1, total // 10), shown, unit
         self.tokens, self.started = 0, time.perf_counter()
         self.bar = None
         if shown and sys.stderr.isatty():
@@ -380,7 +381,7 @@ class _Progress:
 
     def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.tokens += tokens
-        info = f"loss {loss:.4f}  lr {lr:.2e}  {self.tokens / (time.perf_counter() - self.started):.0f} tok/s"
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {self.tokens / (time.perf_counter() - self.started):.0f} {self.unit}/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif self.shown and (step % self.every == 0 or step == self.total):

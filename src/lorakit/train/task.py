@@ -25,6 +25,7 @@ from lorakit.config import RunConfig
 class Task(Protocol):
     cfg: RunConfig  # resolved (e.g. the model path made absolute): what config.yaml records
     model: nn.Module  # its ``requires_grad`` parameters are what the loop optimizes and checkpoints
+    unit: str  # what ``tokens`` counts, as the progress line says it per second: "tok" or "img"
 
     def batch_order(self, epoch: int, batch_size: int) -> list[list[int]]:
         """The micro-batches of ``epoch``, ``batch_size`` example indices each (the last may be short); a pure
