@@ -7,7 +7,8 @@ dtype) that lorakit reaches, and (``--profile``) where lorakit's step time goes.
 
 Each side runs its step as its users get it: PEFT as ``model(input_ids, labels=...).loss`` (transformers'
 layers and loss); lorakit as ``lorakit train`` runs it (``train/fastpath.py``'s fused decoder layers on CPU,
-``train/fused_loss.py``'s chunked cross-entropy against the head, or ``--compile``). On CUDA lorakit uses
+``train/fused_loss.py``'s chunked cross-entropy against the head) and, with ``--compile``, also as
+``lorakit train --compile`` runs it (``train/compile.py``; the compile is timed apart, in the warm-up). On CUDA lorakit uses
 liger-kernel's RMSNorm, SwiGLU and RoPE where installed (``benchmarks/gpu.sh`` installs it); liger patches
 RoPE module-wide, so PEFT's side gets that kernel too and the ratio there is, if anything, conservative.
 
@@ -207,7 +208,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model-config", help="a Llama config.json or its folder (default: 512 wide × 8 layers)")
-    ap.add_argument("--compile", action="store_true", help="lorakit with --compile instead of its fused layers")
+    ap.add_argument("--compile", action="store_true", help="also lorakit with --compile (a third system, timed after its compile)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of lorakit's step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,16 +219,21 @@ def main() -> None:
     print(f"hardware: {hardware_summary()}")
     load_before = os.getloadavg()
     base = build(cfg, dtype, device)
-    ours = lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
-    theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    models = {"lorakit": lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))}
+    if args.compile:
+        models["lorakit --compile"] = copy.deepcopy(models["lorakit"])
+    models["peft"] = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     del base
-    layers = compile_layers(ours) if args.compile else fastpath.enable(ours)
-    head = fused_head(ours)
-    assert head is not None, "the benchmark's Llama has a plain head"
-    print(f"lorakit step: {layers}; chunked cross-entropy against the head")
-    losses = {"lorakit": lorakit_loss(ours, head, bf16), "peft": lambda ids: peft_loss(theirs, ids)}
-    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-            for name, m in (("lorakit", ours), ("peft", theirs))}
+    losses = {"peft": lambda ids: peft_loss(models["peft"], ids)}
+    for name in ("lorakit", "lorakit --compile"):
+        if name in models:
+            layers = compile_layers(models[name]) if name.endswith("compile") else fastpath.enable(models[name])
+            head = fused_head(models[name])
+            assert head is not None, "the benchmark's Llama has a plain head"
+            print(f"{name} step: {layers}; chunked cross-entropy against the head")
+            losses[name] = lorakit_loss(models[name], head, bf16)
+    ours, head = models["lorakit"], fused_head(models["lorakit"])
+    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in models.items()}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     peaks: dict[str, int] = {}
@@ -236,13 +242,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
-        timed_steps(losses[name], opts[name], ids, 2 if args.compile else 1, bf16)
+        timed_steps(losses[name], opts[name], ids, 2 if name.endswith("compile") else 1, bf16)
         if device.type == "cuda":
             peaks[name] = torch.cuda.max_memory_allocated(device) - resting
-        print(f"warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
-    results: dict[str, list[tuple[float, float]]] = {"lorakit": [], "peft": []}
+        what = " (includes compiling, or loading the cached kernels)" if name.endswith("compile") else ""
+        print(f"warm-up {name}: {time.perf_counter() - t:.1f} s{what}", flush=True)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in losses}
     for r in range(args.rounds):
-        order = ("lorakit", "peft") if r % 2 == 0 else ("peft", "lorakit")
+        order = list(losses) if r % 2 == 0 else list(reversed(losses))
         for name in order:
             results[name].append(timed_steps(losses[name], opts[name], ids, args.steps, bf16))
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(
@@ -259,17 +266,17 @@ def main() -> None:
     print(f"model: hidden {cfg.hidden_size} × {cfg.num_hidden_layers} layers, MLP {cfg.intermediate_size}, "
           f"vocab {cfg.vocab_size}; r=16 on {len(TARGETS)} projections")
     print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} threads={args.threads} batch={args.batch}x{args.seq} rounds={args.rounds}x{args.steps} steps (medians)")
-    for name in ("peft", "lorakit"):
+    for name in results:
         memory = f"; step peak {peaks[name] / 2**20:,.0f} MiB GPU memory above the weights" if name in peaks else ""
         by_cpu = "" if device.type == "cuda" else f"; by CPU time: {tps_cpu[name]:.1f} tokens/s"
         print(f"{name:8} {tps[name]:10.1f} tokens/s{by_cpu}{memory}")
-    print(f"ratio lorakit/peft = {tps['lorakit'] / tps['peft']:.2f}x"
-          + ("" if device.type == "cuda" else f" (by CPU time: {tps_cpu['lorakit'] / tps_cpu['peft']:.2f}x)"))
-    print(f"{dtype} matmul roofline {roof / 1e9:.1f} GFLOP/s; lorakit step reaches {flops * tps['lorakit'] / 1e9:.1f} "
-          f"GFLOP/s = {flops * tps['lorakit'] / roof:.0%} of it")
-    if device.type != "cuda":
-        print(f"by CPU time: roofline {roof_cpu / 1e9:.1f} GFLOP/s, lorakit {flops * tps_cpu['lorakit'] / 1e9:.1f} "
-              f"GFLOP/s = {flops * tps_cpu['lorakit'] / roof_cpu:.0%} of it")
+    print(f"{dtype} matmul roofline {roof / 1e9:.1f} GFLOP/s" + ("" if device.type == "cuda" else
+                                                                  f" (by CPU time: {roof_cpu / 1e9:.1f} GFLOP/s)"))
+    for name in (n for n in results if n != "peft"):
+        by_cpu = "" if device.type == "cuda" else \
+            f" (by CPU time: {tps_cpu[name] / tps_cpu['peft']:.2f}x; {flops * tps_cpu[name] / roof_cpu:.0%} of the roofline)"
+        print(f"ratio {name}/peft = {tps[name] / tps['peft']:.2f}x; {name} step reaches {flops * tps[name] / 1e9:.1f} "
+              f"GFLOP/s = {flops * tps[name] / roof:.0%} of the roofline{by_cpu}")
     print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)")
     if device.type != "cuda":
         step_cpu = statistics.median(c for _, c in results["lorakit"])

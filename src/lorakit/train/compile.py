@@ -47,7 +47,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor", fullgraph: bool 
     where = f"kernels cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']}"
     if _llama_structured(model, layers):
         for layer in layers:  # checked uncompiled: the same math, without paying for an inference graph
-            layer.forward = types.MethodType(_plain_forward(plain_layer), layer)
+            layer.forward = types.MethodType(_plain_forward(plain_layer, steps_only=False), layer)
         if fastpath._same_logits(model):
             compiled = _reporting(torch.compile(plain_layer, backend=backend, fullgraph=fullgraph))
             for layer in layers:
@@ -82,18 +82,20 @@ def _llama_structured(model: nn.Module, layers: list[nn.Module]) -> bool:
         getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
-def _plain_forward(fn):
+def _plain_forward(fn, steps_only: bool = True):
     """A decoder layer's ``forward`` that runs ``fn`` (``plain_layer`` or its compiled self) where it can:
-    training-shaped calls (no KV cache) whose projections are plain or single-adapter LoRA linears;
-    anything else goes to the eager fast path (``fastpath.fused_layer_forward``), which routes further."""
+    training steps (grad on, no KV cache) whose projections are plain or single-adapter LoRA linears;
+    anything else goes to the eager fast path (``fastpath.fused_layer_forward``), which routes further.
+    ``steps_only=False`` takes inference calls too (the logits check)."""
 
     def forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache=None, use_cache: bool | None = False,
                 position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs) -> Tensor:
         attn, mlp = layer.self_attn, layer.mlp
         modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if cache is not None or position_embeddings is None or layer.gradient_checkpointing or \
-                not fusable(modules, layer.training):
+        # evaluation and generation (no grad) stay eager: an inference graph per shape is not worth compiling
+        if steps_only and not (layer.training and torch.is_grad_enabled()) or cache is not None or position_embeddings is None or \
+                layer.gradient_checkpointing or not fusable(modules, layer.training):
             return fastpath.fused_layer_forward(layer, hidden_states, attention_mask, position_ids, cache,
                                                 use_cache, position_embeddings, **kwargs)
         dtype = compute_dtype(hidden_states)
