@@ -163,6 +163,23 @@ def logits_and_grads(model, ids, mask, bf16: bool):
     return [logits[mask.bool()].detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+def assert_same_as_transformers(model, fast) -> None:
+    """``fast`` (a copy of ``model`` on a fast path) gives ``model``'s logits and gradients on a padded batch:
+    equal to rounding in fp32, as close to the fp32 result as the reference in bf16."""
+    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 15:], mask[2, 6:] = 0, 0
+    truth = logits_and_grads(model, ids, mask, bf16=False)
+    for bf16 in (False, True):
+        ref, ours = logits_and_grads(model, ids, mask, bf16), logits_and_grads(fast, ids, mask, bf16)
+        assert len(ours) == len(truth)
+        for a, r, t in zip(ours, ref, truth, strict=True):
+            if not bf16:
+                assert rel_err(a, r) < 1e-5
+            else:
+                close_as_reference(a, r, t)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fused_decoder_layers_equal_transformers_layers(method, monkeypatch):
     """The eager fast path (train/fastpath.py)."""
@@ -174,22 +191,11 @@ def test_fused_decoder_layers_equal_transformers_layers(method, monkeypatch):
     model.train()
     fused = copy.deepcopy(model)
     assert fastpath.enable(fused).startswith("fused decoder layers (2 × LlamaDecoderLayer)")
-    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, 15:], mask[2, 6:] = 0, 0
-    truth = logits_and_grads(model, ids, mask, bf16=False)
     # the fused layer must be what runs: it hands back to transformers' own forward when it meets a KV
     # cache or a signature it does not know, which would make this comparison trivially equal
     ran = []
     monkeypatch.setattr(fastpath, "_layer", lambda *a, **k: ran.append(1) or fused_layer(*a, **k))
-    for bf16 in (False, True):
-        ref, ours = logits_and_grads(model, ids, mask, bf16), logits_and_grads(fused, ids, mask, bf16)
-        assert len(ours) == len(truth)
-        for a, r, t in zip(ours, ref, truth, strict=True):
-            if not bf16:
-                assert rel_err(a, r) < 1e-5
-            else:
-                close_as_reference(a, r, t)
+    assert_same_as_transformers(model, fused)
     assert len(ran) == 2 * 2  # two layers, two passes
 
 
@@ -231,18 +237,7 @@ def test_compiled_layers_are_one_graph_and_equal_transformers_layers(method):
     compiled = copy.deepcopy(model)
     torch._dynamo.reset()
     assert compile_layers(compiled, backend="eager", fullgraph=True).startswith("torch.compile'd fused decoder")
-    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, 15:], mask[2, 6:] = 0, 0
-    truth = logits_and_grads(model, ids, mask, bf16=False)
-    for bf16 in (False, True):
-        ref, ours = logits_and_grads(model, ids, mask, bf16), logits_and_grads(compiled, ids, mask, bf16)
-        assert len(ours) == len(truth)
-        for a, r, t in zip(ours, ref, truth, strict=True):
-            if not bf16:
-                assert rel_err(a, r) < 1e-5
-            else:
-                close_as_reference(a, r, t)
+    assert_same_as_transformers(model, compiled)
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
 
