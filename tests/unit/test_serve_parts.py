@@ -89,6 +89,7 @@ def test_engine_output_does_not_depend_on_the_batch(adapters):
             while engine.batch_size or engine.queue_depth:
                 engine.step()
 
+    assert engine.packed  # the first step admits 3 prompts (3 adapters) and prefills them in one packed forward
     run(reqs)
     together = [got[r] for r in reqs]
     alone = []

@@ -1,7 +1,8 @@
 """``lorakit serve``: one base model, many LoRA adapters, one OpenAI-compatible endpoint.
 
 Modules: ``app`` (HTTP, OpenAI schema), ``scheduler`` (continuous batching), ``batched_lora`` (per-row
-adapters in one forward), ``registry`` (adapters at runtime), ``server`` (the command), ``vllm``
+adapters in one forward), ``attention`` (packed prefill), ``registry`` (adapters at runtime), ``server`` (the
+command), ``vllm``
 (``check-adapter --for vllm``). Nothing here is imported by ``import lorakit``: the HTTP stack is the
 ``serve`` extra (``pip install 'lorakit[serve]'``)."""
 

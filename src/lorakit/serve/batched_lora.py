@@ -6,11 +6,13 @@ For a LoRA layer with base weight W and adapters g = 1..G, a batch whose row i u
     Y = X·Wᵀ + b                                        one matmul over all rows (B·T, in) -> (B·T, out)
     Y[rows_g] += s_g · (X[rows_g]·A_gᵀ)·B_gᵀ             per adapter present: (n_g·T, in) -> (n_g·T, r) -> out
 
-Rows that use the base model alone belong to no group, so they pay nothing for LoRA; a batch of base-only
-requests runs the plain base. One adapter in the batch (a prefill, or a batch for one adapter): two matmuls
-on its rows, slices (views) when they are contiguous. Several adapters (a mixed decode step): the adapters
-present are stacked, per layer, into one A (R, in) and one B (out, R) with R = the sum of their ranks (cached
-until the set changes), and the whole batch takes
+Rows are the flattened (B·T) rows: a batch row's T positions, or in a packed prefill (one row holding several
+prompts, ``route(..., tokens=...)``) each prompt's positions. Rows that use the base model alone belong to no
+group, so they pay nothing for LoRA; a batch of base-only requests runs the plain base. When each adapter's
+rows are contiguous (one adapter in the batch, or a packed prefill ordered by adapter): two matmuls per adapter
+on its slice (views). When several adapters' rows interleave (a mixed decode step): the adapters present are
+stacked, per layer, into one A (R, in) and one B (out, R) with R = the sum of their ranks (cached until the
+set changes), and the whole batch takes
 
     Y += ((X·A_stackᵀ) ⊙ M)·B_stackᵀ                    (B·T, in) -> (B·T, R), masked -> (B·T, out)
 
@@ -27,8 +29,10 @@ own forward, so quantized and Conv1D bases work unchanged), and a forward hook a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,37 +41,66 @@ from torch import Tensor, nn
 from lorakit.lora import lora_layers
 from lorakit.lora.layer import LoraEmbedding, LoraLayer, LoraLinear
 
-Rows = slice | Tensor  # a contiguous range of batch rows, or their indices (LongTensor)
+Rows = slice | Tensor  # a contiguous range of (flattened) rows, or their indices (LongTensor)
 
 
-def group_rows(row_adapters: Sequence[str | None], device: torch.device | str = "cpu") -> list[tuple[str, Rows]]:
-    """[(adapter, rows)] for the adapters in ``row_adapters`` (one entry per batch row; None: the base).
-    Rows are a slice when the adapter's rows are contiguous, else a LongTensor of indices."""
-    by_adapter: dict[str, list[int]] = {}
-    for i, name in enumerate(row_adapters):
+@dataclass
+class Plan:
+    """How one route's rows map onto adapters, for a forward whose activations flatten to ``n`` rows (B·T)."""
+
+    groups: list[tuple[str, Rows]]  # each adapter present and its flattened rows
+    owner: list[str | None]  # per entry of the route: its adapter
+    spans: list[tuple[int, int]]  # per entry: its flattened rows [start, stop)
+    stacked: bool  # several adapters whose rows interleave: the stacked, masked path
+    names: tuple[str, ...] = ()  # the adapters present, sorted: the order of the stacks' columns
+    masks: dict[tuple, Tensor] = field(default_factory=dict)  # (adapters, ranks, scales) of a stack -> (n, R)
+
+
+def plan_rows(row_adapters: Sequence[str | None], n: int, tokens: Sequence[int] | None = None,
+              device: torch.device | str = "cpu") -> Plan:
+    """Entry i of ``row_adapters`` (None: the base) covers batch row i (``tokens`` None: T = n / entries
+    positions each), or the next ``tokens[i]`` positions of one packed row. Groups are slices when an adapter's
+    rows are contiguous, else a LongTensor of indices."""
+    if tokens is None:
+        t = n // max(len(row_adapters), 1)
+        spans = [(i * t, (i + 1) * t) for i in range(len(row_adapters))]
+    else:
+        ends = list(itertools.accumulate(tokens))
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+    by_adapter: dict[str, list[tuple[int, int]]] = {}
+    for name, (a, b) in zip(row_adapters, spans, strict=True):
         if name is not None:
-            by_adapter.setdefault(name, []).append(i)
+            runs = by_adapter.setdefault(name, [])
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)  # adjacent entries of one adapter: one run
+            else:
+                runs.append((a, b))
     groups: list[tuple[str, Rows]] = []
-    for name, rows in by_adapter.items():
-        if rows[-1] - rows[0] + 1 == len(rows):
-            groups.append((name, slice(rows[0], rows[-1] + 1)))
+    for name, runs in by_adapter.items():
+        if len(runs) == 1:
+            groups.append((name, slice(*runs[0])))
         else:
-            groups.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
-    return groups
+            groups.append((name, torch.cat([torch.arange(a, b) for a, b in runs]).to(device)))
+    stacked = len(groups) > 1 and any(not isinstance(rows, slice) for _, rows in groups)
+    return Plan(groups, list(row_adapters), spans, stacked, tuple(sorted(by_adapter)))
 
 
 class BatchedLora:
-    """Routes each batch row of ``model`` to its own adapter (or none) during ``route(...)``.
+    """Routes each batch row (or each request's tokens in one packed row) of ``model`` to its own adapter
+    (or none) during ``route(...)``.
 
     ``attach()`` must follow every change of the model's adapter set (it hooks LoRA layers that are new)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.groups: list[tuple[str, Rows]] = []
         self.row_adapters: Sequence[str | None] = ()
+        self.tokens: Sequence[int] | None = None
+        self.device: torch.device | str = "cpu"
+        self._plans: dict[int, Plan] = {}  # per route(): flattened row count -> plan
         self._hooked: set[int] = set()
-        self._stacks: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # id(layer) -> (key, A_stack, B_stack)
-        self._masks: dict[tuple, Tensor] = {}  # per route(): (adapters, ranks, scales) -> (B, 1, R) scale mask
+        # id(layer) -> (adapters present, A_stackᵀ (in, R), B_stackᵀ (R, out), their (name, rank, scale)): kept
+        # across forwards while the same adapters are present (a decode step after another)
+        self._stacks: dict[int, tuple[tuple[str, ...], Tensor | None, Tensor | None, tuple]] = {}
         self.attach()
 
     def attach(self) -> None:
@@ -90,74 +123,90 @@ class BatchedLora:
         self._stacks.clear()
 
     @contextmanager
-    def route(self, row_adapters: Sequence[str | None], device: torch.device | str = "cpu") -> Iterator[None]:
-        """Within the block, batch row i of every forward uses adapter ``row_adapters[i]`` (None: the base)."""
-        self.groups = group_rows(row_adapters, device)
-        self.row_adapters = row_adapters
+    def route(self, row_adapters: Sequence[str | None], device: torch.device | str = "cpu",
+              tokens: Sequence[int] | None = None) -> Iterator[None]:
+        """Within the block, batch row i of every forward uses adapter ``row_adapters[i]`` (None: the base);
+        with ``tokens``, the forward is one packed row whose next ``tokens[i]`` positions use that adapter."""
+        self.row_adapters, self.tokens, self.device = row_adapters, tokens, device
         try:
             yield
         finally:
-            self.groups, self.row_adapters = [], ()
-            self._masks.clear()
+            self.row_adapters, self.tokens = (), None
+            self._plans.clear()
+
+    def _plan(self, n: int) -> Plan:
+        plan = self._plans.get(n)
+        if plan is None:
+            plan = self._plans[n] = plan_rows(self.row_adapters, n, self.tokens, self.device)
+        return plan
 
     def _linear_hook(self, layer: LoraLayer, args: tuple, y: Tensor) -> Tensor:
-        # x (B, T, in) or (B, in); y (B, T, out) or (B, out), fresh from the base matmul: updated in place
-        x = args[0]
-        if len(self.groups) > 1:
-            return self._stacked(layer, x, y)
-        for name, rows in self.groups:
+        # x (..., in), y (..., out) fresh from the base matmul, updated in place; both seen as (n, ·) rows, n = B·T
+        if not self.row_adapters:
+            return y
+        x = args[0].reshape(-1, args[0].shape[-1])  # (n, in)
+        out = y.view(-1, y.shape[-1])  # (n, out)
+        plan = self._plan(x.shape[0])
+        if plan.stacked:
+            self._stacked(layer, x, out, plan)
+            return y
+        for name, rows in plan.groups:
             ad = layer.adapters[name] if name in layer.adapters else None
             if ad is None:  # this adapter does not target this layer
                 continue
             a, b = ad.lora_A, ad.lora_B  # (r, in), (out, r), already in the compute dtype
             s = ad.scaling * ad.scale
             if isinstance(rows, slice):
-                xa = x[rows].reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()  # (n·T, r)
-                y[rows].view(-1, y.shape[-1]).addmm_(xa, b.t(), alpha=s)
+                out[rows].addmm_(x[rows].to(a.dtype) @ a.t(), b.t(), alpha=s)  # (m, in) -> (m, r) -> (m, out)
             else:
-                xa = x.index_select(0, rows).reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()
-                y.index_add_(0, rows, (xa @ b.t()).view(len(rows), *y.shape[1:]), alpha=s)
+                xa = x.index_select(0, rows).to(a.dtype) @ a.t()
+                out.index_add_(0, rows, xa @ b.t(), alpha=s)
         return y
 
-    def _stacked(self, layer: LoraLayer, x: Tensor, y: Tensor) -> Tensor:
-        # x (B, T, in) or (B, in); y (B, T, out) or (B, out). Every adapter of the batch that targets this layer
-        # in name order, so the stack stays valid while requests come and go in another order
-        present = [(name, layer.adapters[name]) for name in sorted(n for n, _ in self.groups) if name in layer.adapters]
-        if not present:
-            return y
-        key = tuple((name, ad.r, ad.scaling * ad.scale) for name, ad in present)
+    def _stacked(self, layer: LoraLayer, x: Tensor, y: Tensor, plan: Plan) -> None:
+        # x (n, in), y (n, out). Every adapter of the batch that targets this layer, in name order, so the stack
+        # stays valid while requests come and go in another order; rebuilt when the adapters present change
         stack = self._stacks.get(id(layer))
-        if stack is None or stack[0] != key:
-            a = torch.cat([ad.lora_A for _, ad in present])  # (R, in)
-            b = torch.cat([ad.lora_B for _, ad in present], dim=1)  # (out, R)
-            stack = self._stacks[id(layer)] = (key, a, b)
-        _, a, b = stack
-        mask = self._masks.get(key)
-        if mask is None:  # (B, 1, R): row i's own adapter's columns hold its scale, every other column 0
-            owner = torch.cat([torch.full((ad.r,), i) for i, (_, ad) in enumerate(present)])  # (R,)
-            index = {name: i for i, (name, _) in enumerate(present)}
-            rows = torch.tensor([index.get(name, -1) for name in self.row_adapters])  # (B,) -1: none here
+        if stack is None or stack[0] != plan.names:
+            present = [(name, layer.adapters[name]) for name in plan.names if name in layer.adapters]
+            a = torch.cat([ad.lora_A for _, ad in present]) if present else None  # (R, in)
+            b = torch.cat([ad.lora_B for _, ad in present], dim=1) if present else None  # (out, R)
+            key = tuple((name, ad.r, ad.scaling * ad.scale) for name, ad in present)
+            stack = self._stacks[id(layer)] = (plan.names, None if a is None else a.t(), None if b is None else b.t(),
+                                               key)
+        _, at, bt, key = stack
+        if at is None:  # no adapter of this batch targets this layer
+            return
+        mask = plan.masks.get(key)
+        if mask is None:  # (n, R): row i's own adapter's columns hold its scale, every other column 0
+            owner = torch.cat([torch.full((r,), i) for i, (_, r, _) in enumerate(key)])  # (R,)
+            index = {name: i for i, (name, _, _) in enumerate(key)}
+            rows = torch.full((x.shape[0],), -1)  # (n,) -1: no adapter of this layer
+            for name, (start, stop) in zip(plan.owner, plan.spans, strict=True):
+                rows[start:stop] = index.get(name, -1)
             scale = torch.tensor([s for _, _, s in key]).repeat_interleave(torch.tensor([r for _, r, _ in key]))
-            mask = self._masks[key] = torch.where(rows[:, None] == owner[None], scale, 0.0)[:, None].to(
-                a.device, a.dtype)
-        xa = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype) @ a.t()  # (B, T, R)
+            mask = plan.masks[key] = torch.where(rows[:, None] == owner[None], scale, 0.0).to(at.device, at.dtype)
+        xa = x.to(at.dtype) @ at  # (n, R)
         xa.mul_(mask)  # row i keeps its own adapter's columns; a row's values never reach another row
-        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b.t())  # (B·T, R)·(R, out)
-        return y
+        y.addmm_(xa, bt)  # (n, R)·(R, out)
 
     def _embedding_hook(self, layer: LoraLayer, args: tuple, y: Tensor) -> Tensor:
-        # ids (B, T); y (B, T, dim). PEFT's layout: lora_embedding_A (r, num_embeddings), B (dim, r)
-        ids = args[0]
+        # ids (B, T); y (B, T, dim), seen as (n,) and (n, dim). PEFT's layout: lora_embedding_A (r, num_embeddings),
+        # B (dim, r). Grouped even where rows interleave: an embedding's LoRA term is a lookup, not a matmul
+        if not self.row_adapters:
+            return y
+        ids = args[0].reshape(-1)
+        out = y.view(-1, y.shape[-1])
         pad = layer.base_layer.padding_idx
-        for name, rows in self.groups:
+        for name, rows in self._plan(ids.shape[0]).groups:
             ad = layer.adapters[name] if name in layer.adapters else None
             if ad is None:
                 continue
             s = ad.scaling * ad.scale
             picked = ids[rows] if isinstance(rows, slice) else ids.index_select(0, rows)
-            delta = F.embedding(picked, ad.lora_A.t(), pad) @ ad.lora_B.t()  # (n, T, dim)
+            delta = F.embedding(picked, ad.lora_A.t(), pad) @ ad.lora_B.t()  # (m, dim)
             if isinstance(rows, slice):
-                y[rows].add_(delta.to(y.dtype), alpha=s)
+                out[rows].add_(delta.to(y.dtype), alpha=s)
             else:
-                y.index_add_(0, rows, delta.to(y.dtype), alpha=s)
+                out.index_add_(0, rows, delta.to(y.dtype), alpha=s)
         return y

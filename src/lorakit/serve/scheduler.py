@@ -2,8 +2,10 @@
 
 One engine thread owns the model. Each step it
   1. drops cancelled requests (a client that went away frees its slot at once),
-  2. admits waiting requests while slots are free, up to PREFILL_TOKENS_PER_STEP prompt tokens, prefilling
-     each into its own KV-cache row (so a prompt's cache never depends on what else is running),
+  2. admits waiting requests while slots are free, up to PREFILL_TOKENS_PER_STEP prompt tokens, and prefills
+     them in ONE forward: their prompts packed into one row (ordered by adapter, so each adapter's LoRA term is
+     two matmuls on a slice), attention kept inside each prompt (``attention.packed``), each prompt's keys and
+     values written into its own KV-cache row (so a prompt's cache never depends on what else is running),
   3. runs ONE decode forward over every running request, whatever its adapter (``BatchedLora`` routes each
      row to its adapter; base-only rows take no LoRA work), and samples each row with its own settings,
   4. lets finished requests leave at once: the last row moves into the hole, so rows stay 0..B-1.
@@ -24,6 +26,7 @@ a view of the first B rows with a per-row mask (rows have different lengths).
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import os
 import threading
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
+from lorakit.serve.attention import packed, use_packed_attention
 from lorakit.serve.registry import AdapterRegistry
 
 log = logging.getLogger("lorakit.serve")
@@ -94,7 +98,7 @@ class SlotCache:
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
         self.rows = self.capacity = 0
-        self._slot: int | None = None
+        self._segments: list[tuple[int, int, int]] | None = None
         self._rows = self._pos = None
         self._len = 0
 
@@ -111,27 +115,28 @@ class SlotCache:
                 store[layer] = new
         self.rows, self.capacity = rows, cap
 
-    def prefill(self, slot: int) -> None:
-        self._slot = slot
+    def prefill(self, segments: list[tuple[int, int, int]]) -> None:
+        """A packed prefill: (slot, start, stop) says which positions of the packed row are that slot's prompt."""
+        self._segments = segments
 
     def decode(self, lengths: Tensor, kv_len: int) -> None:
         """Row i writes its new key at position lengths[i] and attends over the first ``kv_len`` positions."""
-        self._slot = None
+        self._segments = None
         self._rows = torch.arange(len(lengths), device=lengths.device)
         self._pos, self._len = lengths, kv_len
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        # key, value: (B, kv_heads, T, head_dim) with T = the prompt (prefill, B = 1) or 1 (decode)
+        # key, value: (B, kv_heads, T, head_dim) with T = the packed prompts (prefill, B = 1) or 1 (decode)
         if layer_idx not in self.k:
             shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
             self.k[layer_idx] = key.new_zeros(shape)
             self.v[layer_idx] = value.new_zeros(shape)
         k, v = self.k[layer_idx], self.v[layer_idx]
-        if self._slot is not None:
-            n = key.shape[2]
-            k[self._slot, :, :n] = key[0]
-            v[self._slot, :, :n] = value[0]
-            return key, value
+        if self._segments is not None:
+            for slot, start, stop in self._segments:
+                k[slot, :, : stop - start] = key[0, :, start:stop]
+                v[slot, :, : stop - start] = value[0, :, start:stop]
+            return key, value  # attention over the packed row, each prompt alone (attention.packed)
         k[self._rows, :, self._pos] = key[:, :, 0]  # (B, kv_heads, head_dim) at each row's own position
         v[self._rows, :, self._pos] = value[:, :, 0]
         b = key.shape[0]
@@ -164,6 +169,8 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         self._keep_last = "logits_to_keep" in params
+        self._last = torch.zeros(1, dtype=torch.long, device=self.device)  # a decode row's one position
+        self.packed = use_packed_attention(model)  # False: prompts are prefilled one at a time
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -239,14 +246,10 @@ class Engine:
         with self.registry.lock:
             self._drop_cancelled(events)
             self._leave()
-            for req in self._admit(events):
-                try:
-                    self._prefill(req, events)
-                except Exception as e:  # this prompt failed (out of memory?): it alone, not the batch
-                    log.exception("prefill failed")
-                    req.finished = True
-                    events.append((req, Output(finish="error", error=f"generation failed: {type(e).__name__}: {e}")))
-                self.deliver(events)  # its first token goes out now, not after the other prefills and the decode
+            admitted = self._admit(events)
+            if admitted:
+                self._prefill_all(admitted, events)
+                self.deliver(events)  # their first tokens go out now, not after the decode
                 events = []
             self._leave()
             if self._running:
@@ -292,29 +295,62 @@ class Engine:
             budget -= len(req.prompt)
         return admitted
 
-    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor, adapters: list[str | None]) -> Tensor:
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor, adapters: list[str | None], keep: Tensor,
+                 tokens: list[int] | None = None) -> Tensor:
+        """Logits (len(keep) rows, vocab) at positions ``keep`` of each batch row (flattened over rows)."""
         kwargs = {self._cache_kw: self.cache, "use_cache": True}
         if self._keep_last:
-            # the last position as an index, not the int 1: a slice [:, -1:] of (1, n, dim) keeps the stride
-            # n·dim on its batch dimension, which sends the head's matmul to a bmm that first copies the whole
-            # (vocab, dim) weight, 120 ms for a 32000 x 512 head; an index gathers a contiguous (B, 1, dim)
-            kwargs["logits_to_keep"] = torch.tensor([ids.shape[1] - 1], device=self.device)
-        with self.registry.batched.route(adapters, self.device):
-            out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, **kwargs)
-        return out.logits[:, -1].float()  # (B, vocab)
+            # positions as an index tensor, not the int 1: a slice [:, -1:] of (1, n, dim) keeps the stride n·dim
+            # on its batch dimension, which sends the head's matmul to a bmm that first copies the whole (vocab,
+            # dim) weight, 120 ms for a 32000 x 512 head; an index gathers a contiguous (B, k, dim)
+            kwargs["logits_to_keep"] = keep
+        with self.registry.batched.route(adapters, self.device, tokens):
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, **kwargs).logits
+        if not self._keep_last:
+            logits = logits[:, keep]
+        return logits.reshape(-1, logits.shape[-1])  # (B·k, vocab), in the model's dtype
 
-    def _prefill(self, req: Request, events: list) -> None:
-        n = len(req.prompt)
-        self.cache.reserve(len(self._running), n + 1)
-        ids = torch.tensor([req.prompt], device=self.device)  # (1, n)
-        positions = torch.arange(n, device=self.device)[None]  # (1, n)
-        blocked = torch.ones(n, n, dtype=torch.bool, device=self.device).triu(1)
-        mask = torch.zeros(1, 1, n, n, dtype=self.mask_dtype, device=self.device)
-        mask.masked_fill_(blocked, torch.finfo(self.mask_dtype).min)  # causal, additive (1, 1, n, n)
-        self.cache.prefill(req.slot)
-        logits = self._forward(ids, positions, mask, [req.adapter])
-        req.length = n
-        self._sample([req], logits, events)
+    def _prefill_all(self, reqs: list[Request], events: list) -> None:
+        """Prefill the admitted prompts: packed into one forward where the model allows it; a forward that fails
+        (out of memory?) is retried one prompt at a time, so only a prompt that fails alone fails."""
+        if self.packed and len(reqs) > 1:
+            try:
+                return self._prefill(reqs, events)
+            except Exception:
+                log.exception("packed prefill failed; prefilling one prompt at a time")
+        for req in reqs:
+            try:
+                self._prefill([req], events)
+            except Exception as e:
+                log.exception("prefill failed")
+                req.finished = True
+                events.append((req, Output(finish="error", error=f"generation failed: {type(e).__name__}: {e}")))
+
+    def _prefill(self, reqs: list[Request], events: list) -> None:
+        # one packed row of every prompt, ordered by adapter so that each adapter's tokens are one run (its LoRA
+        # term is then two matmuls on a slice); each prompt's positions start at 0 and its keys go to its own row
+        reqs = sorted(reqs, key=lambda r: (r.adapter is not None, r.adapter or ""))
+        lengths = [len(r.prompt) for r in reqs]
+        ends = list(itertools.accumulate(lengths))
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        self.cache.reserve(len(self._running), max(lengths) + 1)
+        ids = torch.tensor([[t for r in reqs for t in r.prompt]], device=self.device)  # (1, T)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)[None]  # (1, T)
+        keep = torch.tensor(ends, device=self.device) - 1  # each prompt's last position
+        self.cache.prefill([(r.slot, a, b) for r, (a, b) in zip(reqs, spans, strict=True)])
+        if self.packed:  # attention.packed_sdpa keeps each prompt to itself; a 4D mask stops transformers building
+            mask = torch.zeros(1, 1, 1, 1, dtype=self.mask_dtype, device=self.device)  # a (T, T) one; unused
+            with packed(spans):
+                logits = self._forward(ids, positions, mask, [r.adapter for r in reqs], keep, lengths)
+        else:  # one prompt: causal, additive (1, 1, n, n)
+            (n,) = lengths
+            blocked = torch.ones(n, n, dtype=torch.bool, device=self.device).triu(1)
+            mask = torch.zeros(1, 1, n, n, dtype=self.mask_dtype, device=self.device)
+            mask.masked_fill_(blocked, torch.finfo(self.mask_dtype).min)
+            logits = self._forward(ids, positions, mask, [r.adapter for r in reqs], keep, lengths)
+        for r, n in zip(reqs, lengths, strict=True):
+            r.length = n
+        self._sample(reqs, logits, events)
 
     def _decode(self, events: list) -> None:
         rows = self._running
@@ -326,18 +362,18 @@ class Engine:
         mask = torch.zeros(len(rows), 1, 1, kv_len, dtype=self.mask_dtype, device=self.device)
         mask.masked_fill_(later[:, None, None], torch.finfo(self.mask_dtype).min)  # (B, 1, 1, kv_len)
         self.cache.decode(lengths, kv_len)
-        logits = self._forward(ids, lengths[:, None], mask, [r.adapter for r in rows])
+        logits = self._forward(ids, lengths[:, None], mask, [r.adapter for r in rows], self._last)
         for r in rows:
             r.length += 1
         self._sample(rows, logits, events)
 
     def _sample(self, rows: list[Request], logits: Tensor, events: list) -> None:
-        """Each row's next token with its own settings; logits (n, vocab) float32."""
-        greedy = logits.argmax(-1).tolist()
-        logp = torch.log_softmax(logits, -1) if any(r.params.logprobs is not None for r in rows) else None
+        """Each row's next token with its own settings; logits (n, vocab) in the model's dtype."""
+        greedy = logits.argmax(-1).tolist()  # the same index as on float32 (the conversion is exact)
+        logp = torch.log_softmax(logits.float(), -1) if any(r.params.logprobs is not None for r in rows) else None
         for i, r in enumerate(rows):
             p = r.params
-            token = greedy[i] if p.temperature == 0 else _draw(logits[i], p, r.generator)
+            token = greedy[i] if p.temperature == 0 else _draw(logits[i].float(), p, r.generator)
             out = Output(token=token)
             if p.logprobs is not None and logp is not None:
                 out.logprob = float(logp[i, token])
