@@ -105,19 +105,21 @@ class Distributed:
         start = r * (n // w) + min(r, n % w)
         return ids[start:start + n // w + (r < n % w)]
 
-    def all_sum(self, x: float) -> float:
-        """``x`` summed over ranks (float64, so counts stay exact); ``x`` itself in one process."""
+    def all_sum(self, *xs: float) -> list[float]:
+        """Each of ``xs`` summed over ranks, in one all-reduce (float64, so counts stay exact); ``xs``
+        themselves in one process."""
         if self.world_size == 1:
-            return x
+            return list(xs)
         import torch.distributed as dist
 
-        t = torch.tensor([x], dtype=torch.float64)
+        t = torch.tensor(xs, dtype=torch.float64)
         dist.all_reduce(t)  # the default group: --dist-timeout bounds the wait for a hung rank
-        return t.item()
+        return t.tolist()
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on some rank (a stop signal): every rank gets the same answer."""
-        return flag if self.world_size == 1 else self.all_sum(float(flag)) > 0
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Whether each of ``flags`` holds on some rank (a stop signal), in one all-reduce: every rank gets
+        the same answers."""
+        return [s > 0 for s in self.all_sum(*map(float, flags))]
 
     def sync_gradients(self, on: bool) -> None:
         """Whether the next backward all-reduces gradients (the last micro-batch of a step) or only

@@ -198,7 +198,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
         micro = [stream.next() for _ in range(t.grad_accum)]  # (this rank's batch, weight 1; 0: a stand-in)
         # The step's loss is the mean over all its units (label tokens, images) on all ranks, not a mean of
         # micro-batch means: each micro-batch's summed loss is divided by the step's total count before backward.
-        n_units = max(1, dist.all_sum(sum(task.count(b) * w for b, w in micro)))
+        n_units = max(1, dist.all_sum(sum(task.count(b) * w for b, w in micro))[0])
         step_loss, n_tokens = 0.0, sum(task.tokens(b) * w for b, w in micro)
         for i, (b, w) in enumerate(micro):
             dist.sync_gradients(i == len(micro) - 1)  # one all-reduce per step, after the last micro-batch
@@ -206,7 +206,8 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
             # × ranks: DDP/FSDP average the ranks' gradients, and the average of N·(partial) is the sum
             (batch_loss / n_units * dist.world_size).backward()
             step_loss += batch_loss.item() / n_units
-        step_loss, n_tokens = dist.all_sum(step_loss), int(dist.all_sum(n_tokens))
+        step_loss, n_tokens = dist.all_sum(step_loss, n_tokens)
+        n_tokens = int(n_tokens)
         tokens += n_tokens
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
 
@@ -259,7 +260,10 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
                         print(f"lorakit: warning: {warning['message']}", file=sys.stderr, flush=True)
                 if t.patience and state["bad_evals"] >= t.patience:
                     stopped = "early_stopping"
-        if dist.any_rank(bool(halt)):  # a hook (on rank 0) asked to stop: every rank stops at this step
+        # a hook (on rank 0) asked to stop, or a signal came (SIGINT/SIGTERM on any rank): every rank stops at
+        # this step; both asked in one all-reduce
+        halted, signalled = dist.any_rank(bool(halt), stop.received is not None)
+        if halted:
             stopped = halt[0] if halt else "stopped"
 
         state.update(step=step, epoch=stream.epoch, batch_index=stream.index)
@@ -270,7 +274,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
                     save_checkpoint(output, model, optimizer, state, save_result, t.keep_last, rng)
         if stopped != "done":
             break
-        if dist.any_rank(stop.received is not None) and step < total_steps:  # all ranks stop at one step
+        if signalled and step < total_steps:
             if not (t.save_every and step % t.save_every == 0):
                 metrics.flush()
                 with dist.saving(model, optimizer) as rng:
