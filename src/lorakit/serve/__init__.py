@@ -2,9 +2,8 @@
 
 Modules: ``app`` (HTTP, OpenAI schema), ``scheduler`` (continuous batching), ``batched_lora`` (per-row
 adapters in one forward), ``attention`` (packed prefill), ``registry`` (adapters at runtime), ``server`` (the
-command), ``vllm``
-(``check-adapter --for vllm``). Nothing here is imported by ``import lorakit``: the HTTP stack is the
-``serve`` extra (``pip install 'lorakit[serve]'``)."""
+command), ``vllm`` (``check-adapter --for vllm``). Nothing here is imported by ``import lorakit``: the HTTP
+stack is the ``serve`` extra (``pip install 'lorakit[serve]'``)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 One engine thread owns the model. Each step it
   1. drops cancelled requests (a client that went away frees its slot at once),
   2. admits waiting requests while slots are free, up to PREFILL_TOKENS_PER_STEP prompt tokens, and prefills
-     them in ONE forward: their prompts packed into one row (ordered by adapter, so each adapter's LoRA term is
-     two matmuls on a slice), attention kept inside each prompt (``attention.packed``), each prompt's keys and
-     values written into its own KV-cache row (so a prompt's cache never depends on what else is running),
+     them in ONE forward: their prompts packed into one row, attention kept inside each prompt
+     (``attention.packed``), each prompt's keys and values written into its own KV-cache row (so a prompt's
+     cache never depends on what else is running),
   3. runs ONE decode forward over every running request, whatever its adapter (``BatchedLora`` routes each
      row to its adapter; base-only rows take no LoRA work), and samples each row with its own settings,
   4. lets finished requests leave at once: the last row moves into the hole, so rows stay 0..B-1.
@@ -327,9 +327,7 @@ class Engine:
                 events.append((req, Output(finish="error", error=f"generation failed: {type(e).__name__}: {e}")))
 
     def _prefill(self, reqs: list[Request], events: list) -> None:
-        # one packed row of every prompt, ordered by adapter so that each adapter's tokens are one run (its LoRA
-        # term is then two matmuls on a slice); each prompt's positions start at 0 and its keys go to its own row
-        reqs = sorted(reqs, key=lambda r: (r.adapter is not None, r.adapter or ""))
+        # one packed row of every prompt; each prompt's positions start at 0 and its keys go to its own cache row
         lengths = [len(r.prompt) for r in reqs]
         ends = list(itertools.accumulate(lengths))
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
