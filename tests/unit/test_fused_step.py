@@ -215,6 +215,20 @@ def test_fast_path_declines_an_architecture_it_does_not_reproduce():
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
 
 
+def test_fast_paths_decline_sliding_window_attention():
+    """Mistral's sliding window (here 16 positions) is not the full causal attention the fused and compiled
+    layers compute: both leave such a model to transformers' own layers (the short logits check alone would
+    not see it)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=16, max_position_embeddings=128))
+    assert fastpath.enable(model) == "transformers' own layers (sliding-window attention)"
+    assert compile_layers(model, backend="eager").startswith("torch.compile'd decoder layers (2 × MistralDecoderLayer")
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
 def test_fused_head_only_where_logits_are_the_plain_head():
     model = tiny_llama(tie=True)
     assert fused_loss.fused_head(model) is model.lm_head

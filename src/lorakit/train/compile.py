@@ -45,7 +45,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor", fullgraph: bool 
     if not layers:
         return "transformers' own layers (--compile: no decoder layers found)"
     where = f"kernels cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']}"
-    if _llama_structured(model, layers):
+    if not fastpath.llama_layers(model)[1]:
         for layer in layers:  # checked uncompiled: the same math, without paying for an inference graph
             layer.forward = types.MethodType(_plain_forward(plain_layer, steps_only=False), layer)
         if fastpath._same_logits(model):
@@ -74,12 +74,6 @@ def _reporting(fn):
         return y
 
     return call
-
-
-def _llama_structured(model: nn.Module, layers: list[nn.Module]) -> bool:
-    kind = type(layers[0])
-    return all(type(m) is kind for m in layers) and fastpath._structure_fits(layers[0]) and \
-        getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 def _plain_forward(fn, steps_only: bool = True):

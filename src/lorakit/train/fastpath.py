@@ -96,17 +96,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
+def llama_layers(model: nn.Module) -> tuple[list[nn.Module], str | None]:
+    """(``model``'s decoder layers, None) when every one has the Llama structure the fused and compiled
+    layers compute, with full causal attention; else ([], why not)."""
+    layers = decoder_layers(model)
+    kind = type(layers[0]) if layers else None
+    if not layers or any(type(m) is not kind for m in layers) or not _structure_fits(layers[0]):
+        return [], "no Llama-structured decoder layers found"
+    config = model.config
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return [], f"{config._attn_implementation} attention"
+    window = getattr(config, "sliding_window", None)  # Mistral; Qwen2 only with use_sliding_window
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or (
+            window and getattr(config, "use_sliding_window", True)
+            and window < getattr(config, "max_position_embeddings", window + 1)):
+        return [], "sliding-window attention"
+    return layers, None
+
+
 def enable(model: nn.Module) -> str:
     """Switch ``model`` to the fast path where it applies; returns what runs (one line for the log)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         return _enable_liger(model)
-    layers = decoder_layers(model)
-    kind = type(layers[0]) if layers else None
-    if not layers or any(type(m) is not kind for m in layers) or not _structure_fits(layers[0]):
-        return "transformers' own layers (no Llama-structured decoder layers found)"
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return f"transformers' own layers ({model.config._attn_implementation} attention)"
+    layers, why_not = llama_layers(model)
+    if why_not:
+        return f"transformers' own layers ({why_not})"
+    kind = type(layers[0])
     for layer in layers:
         layer.forward = types.MethodType(fused_layer_forward, layer)
     if not _same_logits(model):
