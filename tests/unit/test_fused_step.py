@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import (
 import lorakit
 from lorakit.lora.fused import project
 from lorakit.lora.layer import LoraLinear
+from lorakit.train import compile as compile_module
 from lorakit.train import fastpath, fused_loss, precision
 from lorakit.train.compile import compile_layers
 from lorakit.train.kernels import additive_mask, attention, rms_norm, rope
@@ -236,11 +237,13 @@ def test_fused_head_only_where_logits_are_the_plain_head():
     assert fused_loss.fused_head(model) is None  # a LoRA-wrapped head keeps the reference loss
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_compiled_layers_are_one_graph_and_equal_transformers_layers(method):
+@pytest.mark.parametrize("method,attention", [("lora", "math"), ("full", "math"), ("lora", "sdpa")])
+def test_compiled_layers_are_one_graph_and_equal_transformers_layers(method, attention, monkeypatch):
     """--compile on a Llama: train/compile.py's plain layer, captured by dynamo as one graph per call
     (fullgraph=True raises at the first break; the eager backend: capture is what decides breaks, Inductor's
-    code generation is not run here), forward and gradients equal to transformers' layers, padding included."""
+    code generation is not run here), forward and gradients equal to transformers' layers, padding included;
+    attention as matmuls (short sequences on CPU) or through SDPA (long ones, CUDA)."""
+    monkeypatch.setattr(compile_module, "math_attention_fits", lambda *args: attention == "math")
     model = tiny_llama(hidden=64, layers=2)
     if method == "lora":
         lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj",

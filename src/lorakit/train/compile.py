@@ -30,7 +30,7 @@ from lorakit.lora.function import compute_dtype
 from lorakit.lora.fused import fusable
 from lorakit.lora.layer import LoraLinear
 from lorakit.train import fastpath
-from lorakit.train.kernels import additive_mask
+from lorakit.train.kernels import additive_mask, math_attention_fits
 
 # One projection as plain tensors: (weight (out, in) in the compute dtype, bias | None, lora_A (r, in) | None,
 # lora_B (out, r) | None, scaling)
@@ -93,7 +93,11 @@ def _plain_forward(fn, steps_only: bool = True):
             return fastpath.fused_layer_forward(layer, hidden_states, attention_mask, position_ids, cache,
                                                 use_cache, position_embeddings, **kwargs)
         dtype = compute_dtype(hidden_states)
-        mask = additive_mask(attention_mask, hidden_states.shape[1], dtype, hidden_states.device)
+        b, s, _ = hidden_states.shape
+        heads = modules[0].weight.shape[0] // attn.head_dim
+        # short sequences on CPU: attention as matmuls and a softmax Inductor fuses with the mask; else SDPA
+        mask = additive_mask(attention_mask, s, dtype, hidden_states.device) \
+            if math_attention_fits(b, heads, s, hidden_states.device) else attention_mask
         cos, sin = position_embeddings
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         return fn(hidden_states, mask, cos, sin, norms[0].weight, norms[1].weight, fastpath._eps(norms[0]),
@@ -112,11 +116,12 @@ def _projection(m: nn.Module, dtype: torch.dtype) -> Projection:
     return m.weight_as(dtype), m.bias, ad.lora_A, ad.lora_B, ad.scaling * ad.scale
 
 
-def plain_layer(x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, norm1: Tensor, norm2: Tensor, eps: float,
+def plain_layer(x: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor, norm1: Tensor, norm2: Tensor, eps: float,
                 head_dim: int, scaling: float, q: Projection, k: Projection, v: Projection, o: Projection,
                 gate: Projection, up: Projection, down: Projection) -> Tensor:
     """A Llama decoder layer in plain torch ops, as transformers computes it (eager attention, bf16 rounding
-    where it rounds): x (B, S, H), mask additive (B|1, 1, S, S), cos/sin (B|1, S, d) -> (B, S, H)."""
+    where it rounds): x (B, S, H); mask additive (B|1, 1, S, S) for attention as matmuls, or transformers'
+    boolean mask (B, 1, S, S) / None (causal) for SDPA; cos/sin (B|1, S, d) -> (B, S, H)."""
     b, s, _ = x.shape
     dtype = q[0].dtype
     h = _rms_norm(x, norm1, eps)
@@ -128,9 +133,12 @@ def plain_layer(x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, norm1: Tensor
     groups = qs.shape[1] // ks.shape[1]
     if groups > 1:  # grouped-query attention: each k/v head serves `groups` query heads
         ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
-    scores = (qs @ ks.transpose(-1, -2)) * scaling + mask  # (B, heads, S, S)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(dtype)
-    attn = (probs @ vs).transpose(1, 2).reshape(b, s, -1)  # (B, S, heads·d)
+    if mask is None or mask.dtype == torch.bool:  # SDPA's kernels: no (S, S) scores in memory
+        attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling)
+    else:
+        scores = (qs @ ks.transpose(-1, -2)) * scaling + mask  # (B, heads, S, S)
+        attn = torch.softmax(scores, -1, dtype=torch.float32).to(dtype) @ vs  # (B, heads, S, d)
+    attn = attn.transpose(1, 2).reshape(b, s, -1)  # (B, S, heads·d)
     x = x + _linears(attn, [o], dtype)[0]
     h = _rms_norm(x, norm2, eps)
     g, u = _linears(h, [gate, up], dtype)  # (B, S, I) ×2
