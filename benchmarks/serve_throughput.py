@@ -289,8 +289,8 @@ def main() -> None:
             return run_peft_mixed(peft, jobs)
         return run_peft_one_by_one(peft, jobs)
 
-    for system in systems:  # warm-up: kernels, caches, the first request's lazy set-up
-        measure(system, workload(2, 999, system != "lorakit-base" and system != "transformers-serve"))
+    for system in systems:  # warm-up at the smallest N: kernels for its shapes, caches, the lazy set-up
+        measure(system, workload(min(concurrency), 999, system != "lorakit-base" and system != "transformers-serve"))
 
     results: dict[tuple[str, int], list[dict]] = {}
     for n in concurrency:
