@@ -4,6 +4,9 @@ on the bundled model (real weights, offline)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lorakit.cli import main
@@ -95,3 +98,18 @@ def test_quickstart_child_output_has_no_bars_blank_lines_or_kernels_warning(capf
     assert not [line for line in lines if not line[len("[nf4] "):].strip()], err
     for noise in ("Loading weights", "kernels"):
         assert noise not in err
+
+
+def test_compile_without_a_cxx_compiler_says_so(tmp_path):
+    """--compile on CPU needs a C++ compiler (Inductor's): without one, one line and exit 2 before the
+    first step, not Inductor's error from inside it; no output folder. A fresh process: Inductor reads
+    CXX when it is first imported."""
+    out = tmp_path / "run"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", str(ROOT / "examples" / "configs" / "quickstart.yaml"),
+                           "--max-steps", "1", "--output", str(out), "--compile"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("lorakit: error")]
+    assert len(lines) == 1 and "--compile" in lines[0] and "C++ compiler" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.device import cache_root
+from lorakit.errors import LorakitError
 from lorakit.lora.function import compute_dtype
 from lorakit.lora.fused import fusable
 from lorakit.lora.layer import LoraLinear
@@ -41,6 +42,8 @@ def compile_layers(model: nn.Module, backend: str = "inductor", fullgraph: bool 
     """Compile ``model``'s decoder layers in place (lazily: at their first call); returns what runs.
     ``backend="eager", fullgraph=True``: graph capture alone, raising at a graph break (the tests)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    if backend == "inductor" and next(model.parameters()).device.type == "cpu":
+        _check_cxx()
     layers = fastpath.decoder_layers(model)
     if not layers:
         return "transformers' own layers (--compile: no decoder layers found)"
@@ -57,6 +60,17 @@ def compile_layers(model: nn.Module, backend: str = "inductor", fullgraph: bool 
     for layer in layers:
         layer.compile(backend=backend, fullgraph=fullgraph, dynamic=True)
     return f"torch.compile'd decoder layers ({len(layers)} × {type(layers[0]).__name__}; {where})"
+
+
+def _check_cxx() -> None:
+    """Inductor writes C++ on CPU: without a working compiler the first step would fail deep inside it."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler, or whatever probing the compiler raised
+        raise LorakitError(f"--compile: no working C++ compiler for torch.compile on CPU ({e}); install g++ "
+                           "(or set CXX to one), or train without --compile") from None
 
 
 def _reporting(fn):
