@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,13 +13,22 @@ import torch
 torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("LORAKIT_CACHE", tempfile.mkdtemp(prefix="lorakit-test-cache-"))  # subprocesses inherit it
+_scratch: list[str] = []  # the suite's own temporary folders, removed when it ends
+
+
+def _scratch_dir(prefix: str) -> str:
+    _scratch.append(tempfile.mkdtemp(prefix=prefix))
+    return _scratch[-1]
+
+
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _scratch])
+if "LORAKIT_CACHE" not in os.environ:
+    os.environ["LORAKIT_CACHE"] = _scratch_dir("lorakit-test-cache-")  # subprocesses inherit it
 # MLflow tracking (on by default) costs each `lorakit train` ~2-5 s of imports and database set-up: off for the
 # suite, on in tests/e2e/test_tracking.py; and should it run, its record goes to a temporary store (the sqlite
 # file with its artifacts in mlruns/ beside it), never into the working directory.
 os.environ["LORAKIT_TRACK"] = "0"
-os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(tempfile.mkdtemp(prefix="lorakit-test-mlflow-"),
-                                                                 "mlflow.db")
+os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(_scratch_dir("lorakit-test-mlflow-"), "mlflow.db")
 
 
 @pytest.fixture(scope="session")
