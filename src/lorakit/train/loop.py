@@ -186,6 +186,17 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
             except StopTraining as e:
                 halt.append(e.reason)
 
+    def finish() -> int | None:
+        """Close the metrics and the progress line, publish the weights: the best eval's (its step returned), or
+        the last (also when a checkpoint from before --keep-best had none)."""
+        metrics.close()
+        progress.close()
+        best = state["best_step"] if t.keep_best and has_best(output) else None
+        with dist.saving(model, optimizer):
+            if dist.is_main:
+                _publish(task, output, best)
+        return best
+
     for hook in hooks:
         hook.on_start(cfg, output, dict(state))
     progress = _Progress(total_steps, state["step"], shown=dist.is_main, unit=task.unit)  # its clock starts here
@@ -214,12 +225,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             # Do not apply this step: the weights are still those of step `step`, the last good state.
             what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}"
-            metrics.close()
-            progress.close()
-            best = state["best_step"] if t.keep_best and has_best(output) else None
-            with dist.saving(model, optimizer):
-                if dist.is_main:
-                    _publish(task, output, best)
+            best = finish()
             kept = f"the best eval's weights (step {best})" if best is not None else f"the last good weights (step {step})"
             raise dist.error(f"step {step + 1}: {what} is not finite; training stopped and {kept} are in {output}; "
                              "lower --lr or check the data")
@@ -287,13 +293,7 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
                               f"lorakit train --output {shlex.quote(str(output))} --resume" if dist.is_main else "",
                               128 + (stop.received or signal.SIGTERM))
 
-    metrics.close()
-    progress.close()
-    # the published weights: the best eval's, or the last (also when a checkpoint from before --keep-best had none)
-    best = state["best_step"] if t.keep_best and has_best(output) else None
-    with dist.saving(model, optimizer):
-        if dist.is_main:
-            _publish(task, output, best)
+    best = finish()
     note = f" ({stopped.replace('_', ' ')})" if stopped != "done" else ""
     peak = peak_rss_bytes()
     device = next(model.parameters()).device
