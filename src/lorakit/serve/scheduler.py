@@ -13,10 +13,9 @@ One engine thread owns the model. Each step it
 Why not transformers' ``ContinuousBatchingManager`` (paged attention): it has no per-request adapter, one
 sampling mode and seed for all requests, and no stop strings; and on CPU its paged attention falls back to
 one SDPA over all requests' tokens packed into a single sequence with a block mask, so attention work grows
-with the square of the whole batch's tokens. At the benchmark's sizes that did not slow it: on the base
-alone, `transformers serve --continuous-batching` outran this scheduler's base-only batch at 16 and 32
-requests (README, Serving). The per-request cache here keeps each row's attention to its own keys, and the
-base model's own forward does the rest.
+with the square of the whole batch's tokens. The per-request cache here keeps each row's attention to its own
+keys, and the base model's own forward does the rest; on the base alone this scheduler's batch outruns
+`transformers serve --continuous-batching` at 16 to 64 requests (README, Serving).
 
 The KV cache is a set of fixed rows per layer, (rows, kv_heads, capacity, head_dim), grown as needed; the
 model writes into it through the ``cache.update`` call every transformers decoder makes, and attends over
