@@ -88,6 +88,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.log.unlink(missing_ok=True)  # read above while the server mattered; not left in /tmp
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=self.headers.get("Authorization", "x")[7:] or "x",
