@@ -33,19 +33,27 @@ def fusable(modules: list[nn.Module], training: bool) -> bool:
     return True
 
 
+# One projection as plain tensors: (weight (out, in) in the compute dtype, bias | None, lora_A (r, in) | None,
+# lora_B (out, r) | None, scaling)
+Projection = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
+
+
+def projection(m: nn.Module, dtype: torch.dtype) -> Projection:
+    """A ``fusable`` projection's parts: its base weight in ``dtype``, bias, and its one running adapter's A,
+    B and scaling (None, None, 0.0 without one)."""
+    lora = isinstance(m, LoraLinear)
+    weight = m.weight_as(dtype) if lora else m.weight.to(dtype)
+    run = m.running() if lora else []
+    if not run:
+        return weight, m.bias, None, None, 0.0
+    return weight, m.bias, run[0].lora_A, run[0].lora_B, run[0].scaling * run[0].scale
+
+
 def project(x: Tensor, modules: list[nn.Module], dtype: torch.dtype) -> list[Tensor]:
     """``[m(x) for m in modules]`` in ``dtype`` through one ``ProjectionGroup`` node; ``fusable(modules)``."""
-    weights, biases, lora_a, lora_b, scalings = [], [], [], [], []
-    for m in modules:
-        lora = isinstance(m, LoraLinear)
-        weights.append(m.weight_as(dtype) if lora else m.weight.to(dtype))
-        biases.append(m.bias)
-        run = m.running() if lora else []
-        lora_a.append(run[0].lora_A if run else None)
-        lora_b.append(run[0].lora_B if run else None)
-        scalings.append(run[0].scaling * run[0].scale if run else 0.0)
+    weights, biases, lora_a, lora_b, scalings = zip(*(projection(m, dtype) for m in modules), strict=True)
     k = len(modules)
-    return list(ProjectionGroup.apply(x, k, scalings, *weights, *biases, *lora_a, *lora_b))
+    return list(ProjectionGroup.apply(x, k, list(scalings), *weights, *biases, *lora_a, *lora_b))
 
 
 class ProjectionGroup(torch.autograd.Function):

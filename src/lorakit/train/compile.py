@@ -28,14 +28,9 @@ from torch import Tensor, nn
 from lorakit.device import cache_root
 from lorakit.errors import LorakitError
 from lorakit.lora.function import compute_dtype
-from lorakit.lora.fused import fusable
-from lorakit.lora.layer import LoraLinear
+from lorakit.lora.fused import Projection, fusable, projection
 from lorakit.train import fastpath
 from lorakit.train.kernels import additive_mask, math_attention_fits
-
-# One projection as plain tensors: (weight (out, in) in the compute dtype, bias | None, lora_A (r, in) | None,
-# lora_B (out, r) | None, scaling)
-Projection = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor", fullgraph: bool = False) -> str:
@@ -44,11 +39,12 @@ def compile_layers(model: nn.Module, backend: str = "inductor", fullgraph: bool 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     if backend == "inductor" and next(model.parameters()).device.type == "cpu":
         _check_cxx()
-    layers = fastpath.decoder_layers(model)
+    llama, _ = fastpath.llama_layers(model)
+    layers = llama or fastpath.decoder_layers(model)
     if not layers:
         return "transformers' own layers (--compile: no decoder layers found)"
     where = f"kernels cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']}"
-    if not fastpath.llama_layers(model)[1]:
+    if llama:
         for layer in layers:  # checked uncompiled: the same math, without paying for an inference graph
             layer.forward = types.MethodType(_plain_forward(plain_layer, steps_only=False), layer)
         if fastpath._same_logits(model):
@@ -102,7 +98,8 @@ def _plain_forward(fn, steps_only: bool = True):
         attn, mlp = layer.self_attn, layer.mlp
         modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         # evaluation and generation (no grad) stay eager: an inference graph per shape is not worth compiling
-        if steps_only and not (layer.training and torch.is_grad_enabled()) or cache is not None or position_embeddings is None or \
+        inference = not (layer.training and torch.is_grad_enabled())
+        if (steps_only and inference) or cache is not None or position_embeddings is None or \
                 layer.gradient_checkpointing or not fusable(modules, layer.training):
             return fastpath.fused_layer_forward(layer, hidden_states, attention_mask, position_ids, cache,
                                                 use_cache, position_embeddings, **kwargs)
@@ -115,19 +112,9 @@ def _plain_forward(fn, steps_only: bool = True):
         cos, sin = position_embeddings
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         return fn(hidden_states, mask, cos, sin, norms[0].weight, norms[1].weight, fastpath._eps(norms[0]),
-                  attn.head_dim, attn.scaling, *(_projection(m, dtype) for m in modules))
+                  attn.head_dim, attn.scaling, *(projection(m, dtype) for m in modules))
 
     return forward
-
-
-def _projection(m: nn.Module, dtype: torch.dtype) -> Projection:
-    if not isinstance(m, LoraLinear):
-        return m.weight.to(dtype), m.bias, None, None, 0.0
-    run = m.running()
-    if not run:
-        return m.weight_as(dtype), m.bias, None, None, 0.0
-    ad = run[0]
-    return m.weight_as(dtype), m.bias, ad.lora_A, ad.lora_B, ad.scaling * ad.scale
 
 
 def plain_layer(x: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor, norm1: Tensor, norm2: Tensor, eps: float,
