@@ -11,6 +11,7 @@ slice of q, k and v, and outside it is transformers' SDPA unchanged (the decode 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -50,6 +51,12 @@ def use_packed_attention(model: nn.Module) -> bool:
     except Exception:  # not a transformers model, or one that picks its attention otherwise
         return False
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+def packed_spans(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each of the prompts of ``lengths`` tokens, packed one after another into one row."""
+    ends = list(itertools.accumulate(lengths))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 @contextmanager

@@ -30,7 +30,6 @@ own forward, so quantized and Conv1D bases work unchanged), and a forward hook a
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from lorakit.lora import lora_layers
 from lorakit.lora.layer import LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.serve.attention import packed_spans
 
 Rows = slice | Tensor  # a contiguous range of (flattened) rows, or their indices (LongTensor)
 
@@ -66,8 +66,7 @@ def plan_rows(row_adapters: Sequence[str | None], n: int, tokens: Sequence[int] 
         t = n // max(len(row_adapters), 1)
         spans = [(i * t, (i + 1) * t) for i in range(len(row_adapters))]
     else:
-        ends = list(itertools.accumulate(tokens))
-        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        spans = packed_spans(tokens)
     by_adapter: dict[str, list[tuple[int, int]]] = {}
     for name, (a, b) in zip(row_adapters, spans, strict=True):
         if name is not None:

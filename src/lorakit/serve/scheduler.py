@@ -25,7 +25,6 @@ a view of the first B rows with a per-row mask (rows have different lengths).
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import os
 import threading
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
-from lorakit.serve.attention import packed, use_packed_attention
+from lorakit.serve.attention import packed, packed_spans, use_packed_attention
 from lorakit.serve.registry import AdapterRegistry
 
 log = logging.getLogger("lorakit.serve")
@@ -328,12 +327,11 @@ class Engine:
     def _prefill(self, reqs: list[Request], events: list) -> None:
         # one packed row of every prompt; each prompt's positions start at 0 and its keys go to its own cache row
         lengths = [len(r.prompt) for r in reqs]
-        ends = list(itertools.accumulate(lengths))
-        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        spans = packed_spans(lengths)
         self.cache.reserve(len(self._running), max(lengths) + 1)
         ids = torch.tensor([[t for r in reqs for t in r.prompt]], device=self.device)  # (1, T)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)[None]  # (1, T)
-        keep = torch.tensor(ends, device=self.device) - 1  # each prompt's last position
+        keep = torch.tensor([stop - 1 for _, stop in spans], device=self.device)  # each prompt's last position
         self.cache.prefill([(r.slot, a, b) for r, (a, b) in zip(reqs, spans, strict=True)])
         if self.packed:  # attention.packed_sdpa keeps each prompt to itself; a 4D mask stops transformers building
             mask = torch.zeros(1, 1, 1, 1, dtype=self.mask_dtype, device=self.device)  # a (T, T) one; unused
