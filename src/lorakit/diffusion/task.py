@@ -179,6 +179,10 @@ class TextToImageTask:
     def tokens(self, batch: dict[str, Any]) -> int:
         return len(batch["captions"])  # images: the loop's tokens_per_s is images/s here
 
+    def split(self, batch: dict[str, Any], parts: int) -> None:
+        """Never split (``Task.split``): the noise and timesteps are drawn from the global generator."""
+        return None
+
     def loss_sum(self, batch: dict[str, Any]) -> torch.Tensor:
         return self._losses(batch, self.embeds).sum()
 

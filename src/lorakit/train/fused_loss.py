@@ -12,6 +12,7 @@ which 250 ms are the two head GEMMs both do), and peak memory holds one chunk in
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -167,15 +168,26 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     return head if bool(((ours - logits).abs().max() / logits.abs().max().clamp(min=1.0)) <= tol) else None
 
 
+_IDENTITY_USERS: dict[int, int] = {}  # id(head) -> blocks inside head_as_identity now
+_IDENTITY_LOCK = threading.Lock()
+
+
 @contextmanager
 def head_as_identity(head: nn.Module) -> Iterator[None]:
     """Inside the block ``head(x)`` returns x: the model's forward then yields the hidden states the head
-    would have turned into logits (this instance only)."""
-    head.forward = _identity
+    would have turned into logits (this instance only). Counted, so the row slices of one batch running
+    side by side in threads (``train/cores.py``) can all be inside at once."""
+    with _IDENTITY_LOCK:
+        if not _IDENTITY_USERS.get(id(head)):
+            head.forward = _identity
+        _IDENTITY_USERS[id(head)] = _IDENTITY_USERS.get(id(head), 0) + 1
     try:
         yield
     finally:
-        del head.forward
+        with _IDENTITY_LOCK:
+            _IDENTITY_USERS[id(head)] -= 1
+            if not _IDENTITY_USERS[id(head)]:
+                del _IDENTITY_USERS[id(head)], head.forward
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -146,11 +146,13 @@ def additive_mask(mask: Tensor | None, seq: int, dtype: torch.dtype, device: tor
     low = torch.finfo(dtype).min
     if mask is None:
         key = (seq, dtype, device)
-        if key not in _CAUSAL:
+        cached = _CAUSAL.get(key)  # read once: another thread (train/cores.py) may replace the entry
+        if cached is None:
             causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+            cached = torch.zeros(1, 1, seq, seq, dtype=dtype, device=device).masked_fill_(~causal, low)
             _CAUSAL.clear()
-            _CAUSAL[key] = torch.zeros(1, 1, seq, seq, dtype=dtype, device=device).masked_fill_(~causal, low)
-        return _CAUSAL[key]
+            _CAUSAL[key] = cached
+        return cached
     if mask.dtype != torch.bool:  # already additive (eager-style)
         return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, low)

@@ -43,6 +43,7 @@ from lorakit.train.checkpoint import (
     publish_files,
     save_checkpoint,
 )
+from lorakit.train.cores import CoreSplit, core_split
 from lorakit.train.distributed import Distributed
 from lorakit.train.distributed import setup as setup_distributed
 from lorakit.train.optim import build_optimizer, lr_at
@@ -146,6 +147,10 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
     dist.wrap(model)  # DDP or FSDP2 in place (several processes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, t)
+    # on CPU, each micro-batch's rows in slices side by side, a core each, where the task allows it
+    parts, threads_each = core_split(torch.get_num_threads(), t.batch_size)
+    cores = CoreSplit(parts, threads_each) if parts > 1 and dist.world_size == 1 and (
+        params[0].device.type == "cpu") else None
     n_batches = len(task.batch_order(0, t.batch_size * dist.world_size))
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_batches / t.grad_accum))
 
@@ -191,6 +196,8 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
         the last (also when a checkpoint from before --keep-best had none)."""
         metrics.close()
         progress.close()
+        if cores is not None:
+            cores.close()
         best = state["best_step"] if t.keep_best and has_best(output) else None
         with dist.saving(model, optimizer):
             if dist.is_main:
@@ -213,6 +220,10 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
         step_loss, n_tokens = 0.0, sum(task.tokens(b) * w for b, w in micro)
         for i, (b, w) in enumerate(micro):
             dist.sync_gradients(i == len(micro) - 1)  # one all-reduce per step, after the last micro-batch
+            slices = task.split(b, cores.parts) if cores is not None else None
+            if slices:  # the same gradients as one backward of the batch, added in slice order
+                step_loss += cores.backward(lambda s, w=w: task.loss_sum(s) * w, slices, params, 1 / n_units) / n_units
+                continue
             batch_loss = task.loss_sum(b) * w
             # × ranks: DDP/FSDP average the ranks' gradients, and the average of N·(partial) is the sum
             (batch_loss / n_units * dist.world_size).backward()

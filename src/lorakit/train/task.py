@@ -43,6 +43,11 @@ class Task(Protocol):
     def tokens(self, batch: Any) -> int:
         """Throughput units of a batch, logged as tokens_per_s (input tokens; images)."""
 
+    def split(self, batch: Any, parts: int) -> list[Any] | None:
+        """``batch`` as up to ``parts`` smaller batches whose ``loss_sum``s add up to the batch's, to run side
+        by side on the CPU cores (``train/cores.py``), or None where that would change what is computed
+        (anything drawn at random in ``loss_sum``: the slices would interleave their draws)."""
+
     def loss_sum(self, batch: Any) -> torch.Tensor:
         """The batch's loss summed over its ``count`` units: a scalar the loop divides and backwards."""
 

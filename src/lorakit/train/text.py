@@ -25,6 +25,7 @@ from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve
 from lorakit.train import fastpath, precision
 from lorakit.train.causal_loss import evaluate, shifted_hidden, shifted_logits
 from lorakit.train.compile import compile_layers
+from lorakit.train.cores import core_split
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
 
 
@@ -65,9 +66,27 @@ class CausalLMTask:
                                            self._probe if ranks == 1 else None)
         self.pad_multiple = precision.pad_multiple(self.bf16, device)
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision="bf16" if self.bf16 else "fp32"))
+        self.splittable, split_why = self._splittable(device, ranks)
         loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank builds the task; one says so
-            print(f"step: {layers}; {loss}; precision {why}", file=sys.stderr)
+            print(f"step: {'; '.join(filter(None, (layers, loss, f'precision {why}', split_why)))}", file=sys.stderr)
+
+    def _splittable(self, device: torch.device, ranks: int) -> tuple[bool, str]:
+        """(whether ``split`` gives row slices, the reason said in the step line)."""
+        t, model = self.cfg.train, self.model
+        dropout = self.cfg.lora.dropout > 0 or getattr(model.config, "attention_dropout", 0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        refuse = [(device.type != "cpu", "on CPU only"), (ranks > 1, "one process only"),
+                  (t.method != "lora", "LoRA only"), (bool(dropout), "no dropout"),
+                  (self.cfg.model.quantization != "none", "no quantized base"), (t.compile, "not with --compile"),
+                  (self.cfg.model.gradient_checkpointing, "not with gradient checkpointing")]
+        why = next((reason for cond, reason in refuse if cond), None)
+        parts, threads_each = core_split(torch.get_num_threads(), t.batch_size)  # the loop's split
+        if parts < 2:
+            return why is None, ""
+        if why is None:
+            return True, f"rows split across cores ({parts} slices × {threads_each} thread{'s' * (threads_each > 1)})"
+        return False, f"rows not split across cores ({why})"
 
     def _answer_records(self, k: int) -> tuple[list[dict], str]:
         """(the first ``k`` validation records, their format): what ``--eval-generate`` answers at each eval."""
@@ -120,6 +139,18 @@ class CausalLMTask:
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
+
+    def split(self, batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]] | None:
+        """``batch`` as up to ``parts`` row slices for the cores (``train/cores.py``), or None where slices
+        run side by side would not compute what the whole batch does (``_splittable``: random draws, a
+        compiled or checkpointed model, a quantized base) or would cost k copies of every weight's gradient
+        (full fine-tuning). The slices keep the batch's padded width: equal shapes, equal work per core."""
+        rows = batch["input_ids"].shape[0]
+        if not self.splittable or parts < 2 or rows < 2:
+            return None
+        parts = min(parts, rows)
+        bounds = [i * rows // parts for i in range(parts + 1)]
+        return [{k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items()} for i in range(parts)]
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.head is None:
