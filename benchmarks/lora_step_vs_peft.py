@@ -7,7 +7,8 @@ dtype) that lorakit reaches, and (``--profile``) where lorakit's step time goes.
 
 Each side runs its step as its users get it: PEFT as ``model(input_ids, labels=...).loss`` (transformers'
 layers and loss); lorakit as ``lorakit train`` runs it (``train/fastpath.py``'s fused decoder layers on CPU,
-``train/fused_loss.py``'s chunked cross-entropy against the head) and, with ``--compile``, also as
+``train/fused_loss.py``'s chunked cross-entropy against the head, and on CPU with several threads the batch's
+rows as slices side by side, a core each: ``train/cores.py``) and, with ``--compile``, also as
 ``lorakit train --compile`` runs it (``train/compile.py``; the compile is timed apart, in the warm-up). On CUDA lorakit uses
 liger-kernel's RMSNorm, SwiGLU and RoPE where installed (``benchmarks/gpu.sh`` installs it); liger patches
 RoPE module-wide, so PEFT's side gets that kernel too and the ratio there is, if anything, conservative.
@@ -17,6 +18,7 @@ AVX-512-BF16/AMX emulates bf16 GEMMs tens of times slower than fp32, which would
 
     python benchmarks/lora_step_vs_peft.py [--precision auto|bf16|fp32] [--rounds 5] [--steps 3] [--threads N]
         [--device cpu|cuda] [--model-config examples/configs/llama-3.2-1b] [--batch 4] [--seq 256] [--profile]
+        [--compile] [--unsplit]
 """
 
 # ruff: noqa: E402
@@ -46,6 +48,7 @@ from lorakit.device import bf16_native, cpu_threads, hardware_summary, use_bf16
 from lorakit.train import fastpath
 from lorakit.train.causal_loss import shifted_hidden
 from lorakit.train.compile import compile_layers
+from lorakit.train.cores import CoreSplit, core_split
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -103,22 +106,42 @@ def step_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
     return 4 * t * p + 12 * batch * seq * seq * q * L
 
 
-def peft_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """PEFT as its users run it: transformers' layers and its loss on the whole logits."""
-    return model(input_ids=ids, labels=ids).loss
+def peft_backward(model, bf16: bool) -> Callable[[torch.Tensor], None]:
+    """PEFT as its users run it: transformers' layers and its loss on the whole logits, under autocast."""
+    def backward(ids: torch.Tensor) -> None:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return backward
 
 
 def lorakit_loss(model, head, bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """lorakit as ``lorakit train`` runs it (``train/text.py``): the model's own forward with the head as the
-    identity, then the chunked cross-entropy against the head's weight; the mean over the targets."""
+    """lorakit's loss as ``lorakit train`` computes it (``train/text.py``): the model's own forward with the
+    head as the identity (autocast inside), then the chunked cross-entropy against the head's weight,
+    summed over the targets."""
     def loss(ids: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         hidden, targets = shifted_hidden(model, head, batch, bf16)
-        return linear_cross_entropy(hidden, head.weight, targets) / targets.numel()
+        return linear_cross_entropy(hidden, head.weight, targets)
     return loss
 
 
-def timed_steps(loss_fn, opt, ids, steps: int, bf16: bool) -> tuple[float, float]:
+def lorakit_backward(model, head, bf16: bool, cores: CoreSplit | None) -> Callable[[torch.Tensor], None]:
+    """lorakit's forward and backward of a batch as ``lorakit train`` runs them: the mean over the targets,
+    with the rows as slices side by side on the cores where ``cores`` is given (``train/loop.py``)."""
+    loss, params = lorakit_loss(model, head, bf16), [p for p in model.parameters() if p.requires_grad]
+
+    def backward(ids: torch.Tensor) -> None:
+        targets = ids[:, 1:].numel()
+        if cores is None:
+            (loss(ids) / targets).backward()
+        else:
+            bounds = [i * len(ids) // cores.parts for i in range(cores.parts + 1)]
+            cores.backward(loss, [ids[bounds[i]:bounds[i + 1]] for i in range(cores.parts)], params, 1 / targets)
+    return backward
+
+
+def timed_steps(backward, opt, ids, steps: int) -> tuple[float, float]:
     """(median wall seconds, median CPU seconds of this process) per optimizer step (forward, backward,
     AdamW) over ``steps``. On a CPU shared with other work, wall time also measures the neighbours; CPU
     seconds divided by the threads estimate the step on an idle machine (an estimate: contention also
@@ -127,9 +150,7 @@ def timed_steps(loss_fn, opt, ids, steps: int, bf16: bool) -> tuple[float, float
     for _ in range(steps):
         sync(ids.device)
         t, c = time.perf_counter(), time.process_time()
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(ids)
-        loss.backward()
+        backward(ids)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(ids.device)
@@ -167,9 +188,7 @@ def breakdown(cfg: LlamaConfig, model, head, opt, ids: torch.Tensor, bf16: bool,
     def reference() -> None:
         torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum").backward()
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = lorakit_loss(model, head, bf16)(ids)
-    loss.backward()
+    lorakit_backward(model, head, bf16, None)(ids)
     adamw = cpu_seconds(opt.step)  # on the gradients just computed; the benchmark's numbers are done
     opt.zero_grad(set_to_none=True)
     head_s, ref_head_s = cpu_seconds(ours), cpu_seconds(reference)
@@ -186,14 +205,14 @@ def breakdown(cfg: LlamaConfig, model, head, opt, ids: torch.Tensor, bf16: bool,
     print(f"  (PEFT's loss on whole fp32 logits: {ref_head_s:.3f} CPU s for the same head)")
 
 
-def profile(loss_fn, opt, ids, bf16: bool, rows: int = 25) -> None:
+def profile(backward, opt, ids, rows: int = 25) -> None:
     """torch.profiler's table of lorakit's step: where its time goes, by operator (self time)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        timed_steps(loss_fn, opt, ids, 2, bf16)
+        timed_steps(backward, opt, ids, 2)
     key = "self_cuda_time_total" if ids.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
@@ -210,6 +229,8 @@ def main() -> None:
     ap.add_argument("--model-config", help="a Llama config.json or its folder (default: 512 wide × 8 layers)")
     ap.add_argument("--compile", action="store_true", help="also lorakit with --compile (a third system, timed after its compile)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of lorakit's step")
+    ap.add_argument("--unsplit", action="store_true",
+                    help="also lorakit with the batch's rows not split across the cores (train/cores.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -220,38 +241,43 @@ def main() -> None:
     load_before = os.getloadavg()
     base = build(cfg, dtype, device)
     models = {"lorakit": lorakit.add_lora(copy.deepcopy(base), lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))}
-    if args.compile:
-        models["lorakit --compile"] = copy.deepcopy(models["lorakit"])
+    for name, wanted in (("lorakit unsplit", args.unsplit), ("lorakit --compile", args.compile)):
+        if wanted:
+            models[name] = copy.deepcopy(models["lorakit"])
     models["peft"] = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     del base
-    losses = {"peft": lambda ids: peft_loss(models["peft"], ids)}
-    for name in ("lorakit", "lorakit --compile"):
-        if name in models:
-            layers = compile_layers(models[name]) if name.endswith("compile") else fastpath.enable(models[name])
-            head = fused_head(models[name])
-            assert head is not None, "the benchmark's Llama has a plain head"
-            print(f"{name} step: {layers}; chunked cross-entropy against the head")
-            losses[name] = lorakit_loss(models[name], head, bf16)
+    # as lorakit train: the rows split across the cores on CPU, not with --compile (train/text.py)
+    parts, threads_each = core_split(args.threads, args.batch)
+    cores = CoreSplit(parts, threads_each) if parts > 1 and device.type == "cpu" else None
+    steps = {"peft": peft_backward(models["peft"], bf16)}
+    for name in (n for n in models if n != "peft"):
+        layers = compile_layers(models[name]) if name.endswith("compile") else fastpath.enable(models[name])
+        head = fused_head(models[name])
+        assert head is not None, "the benchmark's Llama has a plain head"
+        split = cores if name == "lorakit" else None
+        rows = f"; rows split across cores ({parts} slices × {threads_each} threads)" if split else ""
+        print(f"{name} step: {layers}; chunked cross-entropy against the head{rows}")
+        steps[name] = lorakit_backward(models[name], head, bf16, split)
     ours, head = models["lorakit"], fused_head(models["lorakit"])
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in models.items()}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     peaks: dict[str, int] = {}
     resting = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    for name in losses:  # warm-up: first-touch allocations, oneDNN kernel selection, compilation
+    for name in steps:  # warm-up: first-touch allocations, oneDNN kernel selection, compilation
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
-        timed_steps(losses[name], opts[name], ids, 2 if name.endswith("compile") else 1, bf16)
+        timed_steps(steps[name], opts[name], ids, 2 if name.endswith("compile") else 1)
         if device.type == "cuda":
             peaks[name] = torch.cuda.max_memory_allocated(device) - resting
         what = " (includes compiling, or loading the cached kernels)" if name.endswith("compile") else ""
         print(f"warm-up {name}: {time.perf_counter() - t:.1f} s{what}", flush=True)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in losses}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for r in range(args.rounds):
-        order = list(losses) if r % 2 == 0 else list(reversed(losses))
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for name in order:
-            results[name].append(timed_steps(losses[name], opts[name], ids, args.steps, bf16))
+            results[name].append(timed_steps(steps[name], opts[name], ids, args.steps))
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(
             f"{n} {v[-1][0]:.3f} s/step ({v[-1][1]:.3f} CPU s)" for n, v in results.items()), flush=True)
     tokens = args.batch * args.seq
@@ -282,7 +308,7 @@ def main() -> None:
         step_cpu = statistics.median(c for _, c in results["lorakit"])
         breakdown(cfg, ours, head, opts["lorakit"], ids, bf16, step_cpu, roof_cpu, args.threads)
     if args.profile:
-        profile(losses["lorakit"], opts["lorakit"], ids, bf16)
+        profile(steps["lorakit"], opts["lorakit"], ids)
 
 
 if __name__ == "__main__":

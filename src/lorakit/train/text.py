@@ -25,7 +25,7 @@ from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve
 from lorakit.train import fastpath, precision
 from lorakit.train.causal_loss import evaluate, shifted_hidden, shifted_logits
 from lorakit.train.compile import compile_layers
-from lorakit.train.cores import core_split
+from lorakit.train.cores import CoreSplit, core_split
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
 
 
@@ -62,17 +62,22 @@ class CausalLMTask:
         self.max_width = getattr(model.config, "max_position_embeddings", None)
         # --precision auto measures where it must (train/precision.py); config.yaml records the choice
         device, weights = next(model.parameters()).device, next(model.parameters()).dtype
+        self.slices, threads_each, split_why = self._split_plan(device, ranks)
+        # the probe times the step as the loop will run it: split where the loop splits
+        self._probe_cores = CoreSplit(self.slices, threads_each) if self.slices > 1 else None
         self.bf16, why = precision.resolve(t.precision, device, weights, self._probe_key(),
                                            self._probe if ranks == 1 else None)
+        if self._probe_cores is not None:
+            self._probe_cores.close()
         self.pad_multiple = precision.pad_multiple(self.bf16, device)
         self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, precision="bf16" if self.bf16 else "fp32"))
-        self.splittable, split_why = self._splittable(device, ranks)
         loss = "chunked cross-entropy against the head" if self.head is not None else "cross-entropy on logits"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank builds the task; one says so
             print(f"step: {'; '.join(filter(None, (layers, loss, f'precision {why}', split_why)))}", file=sys.stderr)
 
-    def _splittable(self, device: torch.device, ranks: int) -> tuple[bool, str]:
-        """(whether ``split`` gives row slices, the reason said in the step line)."""
+    def _split_plan(self, device: torch.device, ranks: int) -> tuple[int, int, str]:
+        """(slices, OpenMP threads per slice) of this run's micro-batches (``train/cores.py``; (1, all
+        threads) when not split) and what the step line says of it."""
         t, model = self.cfg.train, self.model
         dropout = self.cfg.lora.dropout > 0 or getattr(model.config, "attention_dropout", 0) or any(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
@@ -81,12 +86,13 @@ class CausalLMTask:
                   (self.cfg.model.quantization != "none", "no quantized base"), (t.compile, "not with --compile"),
                   (self.cfg.model.gradient_checkpointing, "not with gradient checkpointing")]
         why = next((reason for cond, reason in refuse if cond), None)
-        parts, threads_each = core_split(torch.get_num_threads(), t.batch_size)  # the loop's split
+        threads = torch.get_num_threads()
+        parts, threads_each = core_split(threads, t.batch_size)
         if parts < 2:
-            return why is None, ""
-        if why is None:
-            return True, f"rows split across cores ({parts} slices × {threads_each} thread{'s' * (threads_each > 1)})"
-        return False, f"rows not split across cores ({why})"
+            return 1, threads, ""
+        if why is not None:
+            return 1, threads, f"rows not split across cores ({why})"
+        return parts, threads_each, f"rows split across cores ({parts} slices × {threads_each} thread{'s' * (threads_each > 1)})"
 
     def _answer_records(self, k: int) -> tuple[list[dict], str]:
         """(the first ``k`` validation records, their format): what ``--eval-generate`` answers at each eval."""
@@ -112,16 +118,22 @@ class CausalLMTask:
                                                   "num_key_value_heads", "vocab_size")}
         widths = [max(len(self.train_set[i]["input_ids"]) for i in b) // 16 for b in self._probe_batches()]
         return {"model": shape, "method": t.method, "r": self.cfg.lora.r, "target": str(self.cfg.lora.target_modules),
-                "batch": t.batch_size, "width16": widths, "checkpointing": self.cfg.model.gradient_checkpointing}
+                "batch": t.batch_size, "width16": widths, "checkpointing": self.cfg.model.gradient_checkpointing,
+                "slices": self.slices}
 
     def _probe(self, bf16: bool) -> float:
         """Seconds for forward and backward of the probe micro-batches in bf16 or fp32; no trace left."""
         self.bf16, self.pad_multiple = bf16, precision.pad_multiple(bf16, next(self.model.parameters()).device)
         batches = [self.collate(ids) for ids in self._probe_batches()]
+        cores, params = self._probe_cores, [p for p in self.model.parameters() if p.requires_grad]
 
         def run() -> None:
             for b in batches:
-                (self.loss_sum(b) / max(1, self.count(b))).backward()
+                slices = self.split(b, cores.parts) if cores is not None else None
+                if slices:
+                    cores.backward(self.loss_sum, slices, params, 1 / max(1, self.count(b)))
+                else:
+                    (self.loss_sum(b) / max(1, self.count(b))).backward()
 
         seconds = precision.timed(run)
         self.model.zero_grad(set_to_none=True)
@@ -142,11 +154,11 @@ class CausalLMTask:
 
     def split(self, batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]] | None:
         """``batch`` as up to ``parts`` row slices for the cores (``train/cores.py``), or None where slices
-        run side by side would not compute what the whole batch does (``_splittable``: random draws, a
+        run side by side would not compute what the whole batch does (``_split_plan``: random draws, a
         compiled or checkpointed model, a quantized base) or would cost k copies of every weight's gradient
         (full fine-tuning). The slices keep the batch's padded width: equal shapes, equal work per core."""
         rows = batch["input_ids"].shape[0]
-        if not self.splittable or parts < 2 or rows < 2:
+        if self.slices < 2 or parts < 2 or rows < 2:
             return None
         parts = min(parts, rows)
         bounds = [i * rows // parts for i in range(parts + 1)]
