@@ -18,7 +18,7 @@ AVX-512-BF16/AMX emulates bf16 GEMMs tens of times slower than fp32, which would
 
     python benchmarks/lora_step_vs_peft.py [--precision auto|bf16|fp32] [--rounds 5] [--steps 3] [--threads N]
         [--device cpu|cuda] [--model-config examples/configs/llama-3.2-1b] [--batch 4] [--seq 256] [--profile]
-        [--compile] [--unsplit]
+        [--compile] [--unsplit] [--gemm-floor]
 """
 
 # ruff: noqa: E402
@@ -205,6 +205,53 @@ def breakdown(cfg: LlamaConfig, model, head, opt, ids: torch.Tensor, bf16: bool,
     print(f"  (PEFT's loss on whole fp32 logits: {ref_head_s:.3f} CPU s for the same head)")
 
 
+def gemm_floor(backward, opt, ids, roof: float, step_s: float, step_flop: float) -> None:
+    """The step's matrix products alone: every mm/addmm/bmm one unsplit lorakit step runs, recorded with
+    its operands (a TorchDispatchMode) and replayed in order with nothing between them. Their FLOP/s is what
+    a step with free norms, RoPE, softmax, SiLU and AdamW would reach: the ceiling of the roofline fraction
+    on this machine with torch's GEMMs at these shapes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    kinds = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.bmm.default}
+    calls: list[tuple] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in kinds:  # operands kept as they were (addmm_'s accumulator copied before it changes)
+                kept = [a.detach().clone() if i == 0 and func is aten.addmm_.default else
+                        a.detach() if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+                calls.append((func, kept, {k: v.detach() if isinstance(v, torch.Tensor) else v
+                                           for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    with Record():
+        timed_steps(backward, opt, ids, 1)
+
+    def flop(func, args) -> int:
+        a, b = (args[1], args[2]) if func in (aten.addmm.default, aten.addmm_.default) else (args[0], args[1])
+        return 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+
+    @torch.no_grad()
+    def replay() -> None:
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+
+    replay()
+    times = []
+    for _ in range(5):
+        sync(ids.device)
+        t = time.perf_counter()
+        replay()
+        sync(ids.device)
+        times.append(time.perf_counter() - t)
+    sec, total = statistics.median(times), sum(flop(f, a) for f, a, _ in calls)
+    print(f"GEMMs alone (one unsplit lorakit step's {len(calls)} products, replayed): {sec * 1e3:.0f} ms against "
+          f"the step's {step_s * 1e3:.0f} ms, {total / sec / 1e9:.0f} GFLOP/s = {total / sec / roof:.0%} of the "
+          f"roofline; a step of nothing else would reach {step_flop / sec / roof:.0%} by this benchmark's count")
+
+
 def profile(backward, opt, ids, rows: int = 25) -> None:
     """torch.profiler's table of lorakit's step: where its time goes, by operator (self time)."""
     from torch.profiler import ProfilerActivity
@@ -229,6 +276,8 @@ def main() -> None:
     ap.add_argument("--model-config", help="a Llama config.json or its folder (default: 512 wide × 8 layers)")
     ap.add_argument("--compile", action="store_true", help="also lorakit with --compile (a third system, timed after its compile)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of lorakit's step")
+    ap.add_argument("--gemm-floor", action="store_true",
+                    help="replay the unsplit step's matrix products alone: the roofline fraction's ceiling")
     ap.add_argument("--unsplit", action="store_true",
                     help="also lorakit with the batch's rows not split across the cores (train/cores.py)")
     args = ap.parse_args()
@@ -307,6 +356,10 @@ def main() -> None:
     if device.type != "cuda":
         step_cpu = statistics.median(c for _, c in results["lorakit"])
         breakdown(cfg, ours, head, opts["lorakit"], ids, bf16, step_cpu, roof_cpu, args.threads)
+    if args.gemm_floor:
+        unsplit = lorakit_backward(ours, head, bf16, None)
+        step_s = statistics.median(timed_steps(unsplit, opts["lorakit"], ids, 1)[0] for _ in range(3))
+        gemm_floor(unsplit, opts["lorakit"], ids, roof, step_s, step_flops(cfg, args.batch, args.seq))
     if args.profile:
         profile(steps["lorakit"], opts["lorakit"], ids)
 
