@@ -154,24 +154,33 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_adapter(run, task, tm
 
 
 def test_rows_split_across_cores_train_as_one_batch_and_resume_exactly(run, task, tmp_path):
-    """--threads 2 without dropout: each micro-batch's rows run as slices side by side (train/cores.py).
-    The adapter is the one-thread run's to fp32 rounding, and a run killed after a checkpoint and resumed
+    """--threads 2 without dropout: each micro-batch's rows run as slices side by side (train/cores.py;
+    the examples are long enough to be worth it, prompts of varied length). The adapter and the logged
+    losses are the one-thread run's to fp32 rounding, and a run killed after a checkpoint and resumed
     repeats the uninterrupted split run bit for bit (the slices' gradients are added in a fixed order)."""
-    args = ["--dropout", "0", "--threads", "2", "--precision", "fp32", "--max-steps", "6"]
+    data = tmp_path / "long.jsonl"
+    with open(data, "w") as f:
+        for i in range(24):
+            prompt = f"Question {i}: " + "hello world, the quick brown fox " * (8 + i % 5)
+            f.write(json.dumps({"instruction": prompt, "output": ANSWER}) + "\n")
+    long_task = {**task, "train": data}
+    args = ["--dropout", "0", "--threads", "2", "--precision", "fp32", "--max-steps", "6", "--seq-len", "512"]
     split, one = tmp_path / "split", tmp_path / "one"
-    r = lorakit(*train_args(task, split, *args))
+    r = lorakit(*train_args(long_task, split, *args))
     assert r.returncode == 0, r.stderr
     assert "rows split across cores" in r.stderr
-    r = lorakit(*train_args(task, one, *args, "--threads", "1"))
+    r = lorakit(*train_args(long_task, one, *args, "--threads", "1"))
     assert r.returncode == 0 and "rows not split" not in r.stderr, r.stderr
     a, b = load_file(split / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() / b[k].abs().max().item() for k in a) <= 1e-4
     assert any(b[k].abs().max().item() > 0 for k in b if "lora_B" in k)  # the adapters did train
+    losses = [[x["loss"] for x in records(out) if "loss" in x] for out in (split, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
     resumed = tmp_path / "resumed"
-    sigkill_once([sys.executable, "-m", "lorakit", *train_args(task, resumed, *args)],
+    sigkill_once([sys.executable, "-m", "lorakit", *train_args(long_task, resumed, *args)],
                  resumed / "checkpoints" / "step-2", env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    r = lorakit(*train_args(task, resumed, *args, "--resume"))
+    r = lorakit(*train_args(long_task, resumed, *args, "--resume"))
     assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
     got = load_file(resumed / "adapter_model.safetensors")
     assert all(torch.equal(got[k], a[k]) for k in a)
@@ -265,11 +274,9 @@ def test_early_stopping_on_a_flat_eval_loss(task, tmp_path, capsys):
     assert (output / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("threads", ["1", "2"])
-def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path, capsys, threads):
+def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path, capsys):
     """With two micro-batches per step, the logged loss is sum(token losses) / (label tokens of the step),
-    not the mean of the two micro-batch means (they differ when answers differ in length). With 2 threads
-    each micro-batch's rows run as slices on the cores (train/cores.py): the same mean."""
+    not the mean of the two micro-batch means (they differ when answers differ in length)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
@@ -284,10 +291,9 @@ def test_step_loss_is_the_mean_over_all_label_tokens_of_the_step(task, tmp_path,
                     + "\n")
     output = tmp_path / "out"
     code, err = in_process(capsys, "train", "--model", task["model"], "--data", data, "--output", output,
-                           "--max-steps", "1", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2", "--threads", threads,
+                           "--max-steps", "1", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2", "--threads", "1",
                            "--precision", "fp32")  # fp32: the averaging is checked to 1e-4, below bf16's rounding
     assert code == 0, err
-    assert ("rows split across cores" in err) == (threads == "2"), err
     logged = records(output)[0]["loss"]
 
     tok = load_tokenizer(str(task["model"]))

@@ -18,6 +18,7 @@ between slices run side by side is left to the task to refuse (``Task.split`` re
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,22 +29,24 @@ from torch import Tensor
 
 
 class CoreSplit:
-    """``parts`` worker threads of ``threads_each`` OpenMP threads; ``backward`` runs slices on them."""
+    """Row slices of a batch on ``parts`` threads (this one and ``parts`` - 1 helpers), ``threads_each``
+    OpenMP threads each; ``backward`` runs them."""
 
     def __init__(self, parts: int, threads_each: int):
         self.parts, self.threads_each = parts, threads_each
-        self._pool: ThreadPoolExecutor | None = None  # started at the first split batch
+        self._pool: ThreadPoolExecutor | None = None  # the helpers, started at the first split batch
 
     def _start(self) -> ThreadPoolExecutor:
         main_threads = torch.get_num_threads()
-        ready = threading.Barrier(self.parts)
+        helpers = self.parts - 1
+        ready = threading.Barrier(helpers)
 
         def start() -> None:
             torch.set_num_threads(self.threads_each)  # this thread's OpenMP team (OpenMP's setting is per thread)
-            ready.wait()  # every worker exists before the first slice: none starts late, mid-step
+            ready.wait()  # every helper exists before the first slice: none starts late, mid-step
 
-        pool = ThreadPoolExecutor(self.parts, thread_name_prefix="lorakit-core", initializer=start)
-        for f in [pool.submit(lambda: None) for _ in range(self.parts)]:
+        pool = ThreadPoolExecutor(helpers, thread_name_prefix="lorakit-core", initializer=start)
+        for f in [pool.submit(lambda: None) for _ in range(helpers)]:
             f.result()
         # torch also keeps the last set_num_threads as the default for threads it meets later: the main
         # thread's count stays that default (evaluation, generation, checkpoints run there)
@@ -54,15 +57,31 @@ class CoreSplit:
                  scale: float) -> float:
         """For each slice, ``loss(slice)`` and the gradients of ``loss(slice) · scale`` with respect to
         ``params``, side by side; the gradients are added to ``params``' ``.grad`` in slice order (as
-        ``backward()`` would accumulate them). Returns Σ ``loss(slice)`` as a float."""
+        ``backward()`` would accumulate them). Returns Σ ``loss(slice)`` as a float.
 
-        def run(part: Any) -> tuple[float, tuple[Tensor | None, ...]]:
-            value = loss(part)
-            grads = torch.autograd.grad(value * scale, params, allow_unused=True)
-            return value.item(), grads
+        The slices are a queue that this thread and the helpers take from, this thread included: on a core
+        shared with a busy process a helper can wait milliseconds to be scheduled, and then this thread
+        takes its slice too instead of waiting for it (beside a busy neighbour, slices handed out one per
+        thread halved the quickstart's speed). Who computes a slice does not change its result: every
+        taker runs ``threads_each`` OpenMP threads."""
+        results: list[tuple[float, tuple[Tensor | None, ...]] | None] = [None] * len(slices)
+        claim = itertools.count()  # next() on it is atomic (one C call under the GIL)
+
+        def take() -> None:
+            while (i := next(claim)) < len(slices):
+                value = loss(slices[i])
+                results[i] = value.item(), torch.autograd.grad(value * scale, params, allow_unused=True)
 
         self._pool = self._pool or self._start()
-        results = [f.result() for f in [self._pool.submit(run, part) for part in slices]]
+        helpers = [self._pool.submit(take) for _ in range(min(len(slices), self.parts) - 1)]
+        main_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads_each)
+        try:
+            take()
+        finally:
+            torch.set_num_threads(main_threads)
+            for f in helpers:  # a helper's error is raised here; none is left running on a dead step
+                f.result()
         total = 0.0
         for value, grads in results:  # slice order: the same additions on every run
             total += value
@@ -75,6 +94,20 @@ class CoreSplit:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+# A slice must be worth a thread. Between ops each thread runs Python under the GIL; on micro-batches of a few
+# dozen tokens per row that is much of the step, and beside a busy process a helper descheduled while it
+# holds the GIL stalls the other thread too. Measured on the quickstart config beside a busy neighbour
+# (2 cores): micro-batches of 4 × ~48 tokens in two slices ran at 0.6× one thread's tokens/s, 16 × ~48
+# (~384 tokens a slice) at 0.85–0.95×; on idle cores slices were faster at both sizes.
+MIN_SLICE_TOKENS = 256
+
+
+def slice_count(rows: int, tokens: int, parts: int) -> int:
+    """How many slices a micro-batch of ``rows`` rows and ``tokens`` padded tokens is cut into: at most
+    ``parts``, at least one row and ``MIN_SLICE_TOKENS`` tokens each (1: not split)."""
+    return max(1, min(parts, rows, tokens // MIN_SLICE_TOKENS))
 
 
 def core_split(threads: int, rows: int) -> tuple[int, int]:

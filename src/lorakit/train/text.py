@@ -25,7 +25,7 @@ from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve
 from lorakit.train import fastpath, precision
 from lorakit.train.causal_loss import evaluate, shifted_hidden, shifted_logits
 from lorakit.train.compile import compile_layers
-from lorakit.train.cores import CoreSplit, core_split
+from lorakit.train.cores import MIN_SLICE_TOKENS, CoreSplit, core_split, slice_count
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
 
 
@@ -92,7 +92,11 @@ class CausalLMTask:
             return 1, threads, ""
         if why is not None:
             return 1, threads, f"rows not split across cores ({why})"
-        return parts, threads_each, f"rows split across cores ({parts} slices × {threads_each} thread{'s' * (threads_each > 1)})"
+        widest = max(len(self.train_set[i]["input_ids"]) for i in self._probe_batches()[-1])  # a wide micro-batch
+        if slice_count(t.batch_size, t.batch_size * widest, parts) < 2:
+            return 1, threads, f"rows not split across cores (micro-batches under {2 * MIN_SLICE_TOKENS} tokens)"
+        return parts, threads_each, (f"rows split across cores (up to {parts} slices × {threads_each} "
+                                     f"thread{'s' * (threads_each > 1)}, {MIN_SLICE_TOKENS}+ tokens a slice)")
 
     def _answer_records(self, k: int) -> tuple[list[dict], str]:
         """(the first ``k`` validation records, their format): what ``--eval-generate`` answers at each eval."""
@@ -155,12 +159,13 @@ class CausalLMTask:
     def split(self, batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]] | None:
         """``batch`` as up to ``parts`` row slices for the cores (``train/cores.py``), or None where slices
         run side by side would not compute what the whole batch does (``_split_plan``: random draws, a
-        compiled or checkpointed model, a quantized base) or would cost k copies of every weight's gradient
-        (full fine-tuning). The slices keep the batch's padded width: equal shapes, equal work per core."""
+        compiled or checkpointed model, a quantized base), would cost k copies of every weight's gradient
+        (full fine-tuning) or would be too small to be worth a thread (``slice_count``). The slices keep the
+        batch's padded width: equal shapes, equal work per core."""
         rows = batch["input_ids"].shape[0]
-        if self.slices < 2 or parts < 2 or rows < 2:
+        parts = slice_count(rows, batch["input_ids"].numel(), min(parts, self.slices))
+        if parts < 2:
             return None
-        parts = min(parts, rows)
         bounds = [i * rows // parts for i in range(parts + 1)]
         return [{k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items()} for i in range(parts)]
 
