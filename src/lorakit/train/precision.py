@@ -9,7 +9,7 @@ can make bf16 slower than fp32 (measured on the quickstart, 2-core Xeon with AMX
   flag, as before.
 - CPU with native bf16 (AVX-512-BF16, AMX) and fp32 weights: measured. A few of the run's own micro-batches
   (at the median and 90th-percentile width) go forward and backward in fp32 and in bf16, alternately, after
-  a warm-up each, timed in CPU seconds; bf16 is chosen when it is at least 5% faster (a closer race keeps fp32's precision). The
+  a warm-up each, timed in wall seconds (the fastest pass of each); bf16 is chosen when it is at least 5% faster (a closer race keeps fp32's precision). The
   answer is cached per machine, threads, model shape and batch shape in ``$LORAKIT_CACHE/precision.json``,
   so only the first run of a kind pays for the probe (~16 micro-batches).
 
@@ -81,11 +81,13 @@ def measure(probe: Callable[[bool], float], rounds: int = 3) -> tuple[float, flo
 
 
 def timed(run: Callable[[], None]) -> float:
-    """CPU seconds of this process for ``run()``: on a CPU shared with other work, wall time mostly measures
-    the neighbours (a 40 ms micro-batch took 100–250 ms of wall beside a busy process), CPU time the step."""
-    start = time.process_time()
+    """Wall seconds for ``run()``. Not CPU seconds: the two precisions keep the threads busy differently
+    (on the quickstart, 2 threads: bf16 took 15% less CPU time than fp32 but 5% more wall time, and
+    choosing by CPU time picked the slower one). Other processes inflate wall time, so ``measure``
+    keeps each precision's fastest pass, alternating them."""
+    start = time.perf_counter()
     run()
-    return time.process_time() - start
+    return time.perf_counter() - start
 
 
 def _cache_path() -> Path:
