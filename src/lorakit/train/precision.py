@@ -11,7 +11,8 @@ can make bf16 slower than fp32 (measured on the quickstart, 2-core Xeon with AMX
   (at the median and 90th-percentile width) go forward and backward in fp32 and in bf16, alternately, after
   a warm-up each, timed in wall seconds (the fastest pass of each); bf16 is chosen when it is at least 5% faster (a closer race keeps fp32's precision). The
   answer is cached per machine, threads, model shape and batch shape in ``$LORAKIT_CACHE/precision.json``,
-  so only the first run of a kind pays for the probe (~16 micro-batches).
+  so only the first run of a kind pays for the probe (24 micro-batches: on the quickstart, where the two
+  precisions are within 10% of each other, 3 rounds instead of 5 picked the slower one in one probe of three).
 
 The probe changes nothing a run computes: gradients are cleared and torch's random state restored.
 """
@@ -68,7 +69,7 @@ def resolve(precision: str, device: torch.device, weight_dtype: torch.dtype, key
                             f"{cached['bf16_s'] * 1e3:.0f} ms bf16; {how})")
 
 
-def measure(probe: Callable[[bool], float], rounds: int = 3) -> tuple[float, float]:
+def measure(probe: Callable[[bool], float], rounds: int = 5) -> tuple[float, float]:
     """(fp32 seconds, bf16 seconds): the fastest of ``rounds`` alternating passes after one warm-up each
     (the warm-up compiles each shape's kernels); one round when a pass takes over 2 s."""
     with torch.random.fork_rng(devices=[]):
