@@ -11,8 +11,7 @@ can make bf16 slower than fp32 (measured on the quickstart, 2-core Xeon with AMX
   (at the median and 90th-percentile width) go forward and backward in fp32 and in bf16, alternately, after
   a warm-up each, timed in wall seconds (the fastest pass of each); bf16 is chosen when it is at least 5% faster (a closer race keeps fp32's precision). The
   answer is cached per machine, threads, model shape and batch shape in ``$LORAKIT_CACHE/precision.json``,
-  so only the first run of a kind pays for the probe (24 micro-batches: on the quickstart, where the two
-  precisions are within 10% of each other, 3 rounds instead of 5 picked the slower one in one probe of three).
+  so only the first run of a kind pays for the probe (2 micro-batches × (1 + 3 or 5 rounds) × 2 precisions).
 
 The probe changes nothing a run computes: gradients are cleared and torch's random state restored.
 """
@@ -69,13 +68,16 @@ def resolve(precision: str, device: torch.device, weight_dtype: torch.dtype, key
                             f"{cached['bf16_s'] * 1e3:.0f} ms bf16; {how})")
 
 
-def measure(probe: Callable[[bool], float], rounds: int = 5) -> tuple[float, float]:
-    """(fp32 seconds, bf16 seconds): the fastest of ``rounds`` alternating passes after one warm-up each
-    (the warm-up compiles each shape's kernels); one round when a pass takes over 2 s."""
+def measure(probe: Callable[[bool], float]) -> tuple[float, float]:
+    """(fp32 seconds, bf16 seconds): the fastest of several alternating passes after one warm-up each (the
+    warm-up compiles each shape's kernels). Rounds: 5 where a round costs under 0.4 s (small models, where
+    the two precisions tend to be close and 3 rounds once picked the slower on the quickstart), else 3 (a
+    real model's first run stays within its budget), and one when a pass takes over 2 s."""
     with torch.random.fork_rng(devices=[]):
-        slow = max(probe(False), probe(True)) > 2.0
+        warm = probe(False), probe(True)
+        rounds = 1 if max(warm) > 2.0 else 5 if sum(warm) < 0.4 else 3
         best = {False: float("inf"), True: float("inf")}
-        for r in range(1 if slow else rounds):
+        for r in range(rounds):
             for bf16 in ((False, True) if r % 2 == 0 else (True, False)):
                 best[bf16] = min(best[bf16], probe(bf16))
     return best[False], best[True]
