@@ -125,8 +125,8 @@ class CausalLMTask:
                 "batch": t.batch_size, "width16": widths, "checkpointing": self.cfg.model.gradient_checkpointing,
                 "slices": self.slices}
 
-    def _probe(self, bf16: bool) -> float:
-        """Seconds for forward and backward of the probe micro-batches in bf16 or fp32; no trace left."""
+    def _probe(self, bf16: bool) -> tuple[float, float]:
+        """(wall, CPU) seconds for forward and backward of the probe micro-batches in bf16 or fp32; no trace left."""
         self.bf16, self.pad_multiple = bf16, precision.pad_multiple(bf16, next(self.model.parameters()).device)
         batches = [self.collate(ids) for ids in self._probe_batches()]
         cores, params = self._probe_cores, [p for p in self.model.parameters() if p.requires_grad]
