@@ -48,7 +48,7 @@ from lorakit.device import bf16_native, cpu_threads, hardware_summary, use_bf16
 from lorakit.train import fastpath
 from lorakit.train.causal_loss import shifted_hidden
 from lorakit.train.compile import compile_layers
-from lorakit.train.cores import CoreSplit, core_split
+from lorakit.train.cores import CoreSplit, batch_backward, core_split, split_rows
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,29 +115,24 @@ def peft_backward(model, bf16: bool) -> Callable[[torch.Tensor], None]:
     return backward
 
 
-def lorakit_loss(model, head, bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def lorakit_loss(model, head, bf16: bool) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """lorakit's loss as ``lorakit train`` computes it (``train/text.py``): the model's own forward with the
     head as the identity (autocast inside), then the chunked cross-entropy against the head's weight,
     summed over the targets."""
-    def loss(ids: torch.Tensor) -> torch.Tensor:
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden, targets = shifted_hidden(model, head, batch, bf16)
         return linear_cross_entropy(hidden, head.weight, targets)
     return loss
 
 
 def lorakit_backward(model, head, bf16: bool, cores: CoreSplit | None) -> Callable[[torch.Tensor], None]:
-    """lorakit's forward and backward of a batch as ``lorakit train`` runs them: the mean over the targets,
-    with the rows as slices side by side on the cores where ``cores`` is given (``train/loop.py``)."""
+    """lorakit's forward and backward of a batch as ``lorakit train`` runs them (``train/loop.py``): the mean
+    over the targets, with the rows as slices side by side on the cores where ``cores`` is given."""
     loss, params = lorakit_loss(model, head, bf16), [p for p in model.parameters() if p.requires_grad]
 
     def backward(ids: torch.Tensor) -> None:
-        targets = ids[:, 1:].numel()
-        if cores is None:
-            (loss(ids) / targets).backward()
-        else:
-            bounds = [i * len(ids) // cores.parts for i in range(cores.parts + 1)]
-            cores.backward(loss, [ids[bounds[i]:bounds[i + 1]] for i in range(cores.parts)], params, 1 / targets)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        batch_backward(loss, batch, params, ids[:, 1:].numel(), cores=cores, split=split_rows)
     return backward
 
 

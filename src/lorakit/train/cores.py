@@ -3,13 +3,14 @@
 Why: at a LoRA step's sizes (a few hundred to a few thousand tokens × 512–2,048 wide) a GEMM split across
 OpenMP threads scales poorly, and every elementwise op between the GEMMs ends at a barrier where the
 threads wait for each other. Measured on the step benchmark's bf16 step (2 cores, AMX): its GEMMs alone,
-replayed with the same shapes and operands, reach 51% of the one-core roofline on one thread but 36% of the
-two-core roofline on two. Giving each core its own rows of the batch, on one thread, keeps every core
-busy on its own GEMMs and passes, with one meeting point per micro-batch (the gradients' sum); the
-benchmark's step went from ~375 to ~300 ms.
+replayed with the same shapes and operands (``lora_step_vs_peft.py --gemm-floor``), reach 46–51% of the
+one-core roofline on one thread but 33–37% of the two-core roofline on two. Giving each core its own rows of
+the batch, on one thread, keeps every core busy on its own GEMMs and passes, with one meeting point per
+micro-batch (the gradients' sum); the benchmark's step went from ~375 to ~300 ms.
 
-Each slice's forward and backward run in a worker thread (torch releases the GIL inside every op; autocast
-and grad mode are per thread, and the task's loss sets them itself) and return their gradients through
+Each slice's forward and backward run on the calling thread or a helper thread (torch releases the GIL
+inside every op; autocast and grad mode are per thread, and the task's loss sets them itself) and return
+their gradients through
 ``torch.autograd.grad``, which the caller adds to ``.grad`` in slice order: the same sums on every run,
 so a resumed run repeats an uninterrupted one bit for bit (the loop's exact resume). What would differ
 between slices run side by side is left to the task to refuse (``Task.split`` returns None): random draws
@@ -54,9 +55,9 @@ class CoreSplit:
         return pool
 
     def backward(self, loss: Callable[[Any], Tensor], slices: Sequence[Any], params: list[Tensor],
-                 scale: float) -> float:
-        """For each slice, ``loss(slice)`` and the gradients of ``loss(slice) · scale`` with respect to
-        ``params``, side by side; the gradients are added to ``params``' ``.grad`` in slice order (as
+                 divide_by: float, times: float = 1.0) -> float:
+        """For each slice, ``loss(slice)`` and the gradients of ``loss(slice) / divide_by · times`` with respect
+        to ``params``, side by side; the gradients are added to ``params``' ``.grad`` in slice order (as
         ``backward()`` would accumulate them). Returns Σ ``loss(slice)`` as a float.
 
         The slices are a queue that this thread and the helpers take from, this thread included: on a core
@@ -70,7 +71,7 @@ class CoreSplit:
         def take() -> None:
             while (i := next(claim)) < len(slices):
                 value = loss(slices[i])
-                results[i] = value.item(), torch.autograd.grad(value * scale, params, allow_unused=True)
+                results[i] = value.item(), torch.autograd.grad(value / divide_by * times, params, allow_unused=True)
 
         self._pool = self._pool or self._start()
         helpers = [self._pool.submit(take) for _ in range(min(len(slices), self.parts) - 1)]
@@ -115,3 +116,27 @@ def core_split(threads: int, rows: int) -> tuple[int, int]:
     slice per core while there are rows for it, the cores left over shared out as threads."""
     parts = max(1, min(threads, rows))
     return parts, max(1, threads // parts)
+
+
+def split_rows(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]] | None:
+    """``batch`` (tensors of B rows) as ``slice_count`` row slices of at most ``parts``, or None where that is
+    one. The slices keep the batch's padded width: equal shapes, equal work per core."""
+    ids = batch["input_ids"]
+    n = slice_count(ids.shape[0], ids.numel(), parts)
+    if n < 2:
+        return None
+    bounds = [i * ids.shape[0] // n for i in range(n + 1)]
+    return [{k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items()} for i in range(n)]
+
+
+def batch_backward(loss: Callable[[Any], Tensor], batch: Any, params: list[Tensor], divide_by: float, times: float = 1.0,
+             cores: CoreSplit | None = None, split: Callable[[Any, int], list | None] | None = None) -> float:
+    """``loss(batch) / divide_by · times`` backwarded into ``params``' ``.grad``; returns ``loss(batch)`` as a
+    float. As row slices side by side on ``cores`` where ``split(batch, cores.parts)`` gives them (the same
+    gradients to rounding), else one ``backward()``."""
+    slices = split(batch, cores.parts) if cores is not None and split is not None else None
+    if slices:
+        return cores.backward(loss, slices, params, divide_by, times)
+    value = loss(batch)
+    (value / divide_by * times).backward()
+    return value.item()

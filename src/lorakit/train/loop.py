@@ -43,7 +43,7 @@ from lorakit.train.checkpoint import (
     publish_files,
     save_checkpoint,
 )
-from lorakit.train.cores import CoreSplit, core_split
+from lorakit.train.cores import CoreSplit, batch_backward, core_split
 from lorakit.train.distributed import Distributed
 from lorakit.train.distributed import setup as setup_distributed
 from lorakit.train.optim import build_optimizer, lr_at
@@ -220,14 +220,11 @@ def _train(cfg: RunConfig, stop: StopSignals, dist: Distributed, hooks: list[Cal
         step_loss, n_tokens = 0.0, sum(task.tokens(b) * w for b, w in micro)
         for i, (b, w) in enumerate(micro):
             dist.sync_gradients(i == len(micro) - 1)  # one all-reduce per step, after the last micro-batch
-            slices = task.split(b, cores.parts) if cores is not None else None
-            if slices:  # the same gradients as one backward of the batch, added in slice order
-                step_loss += cores.backward(lambda s, w=w: task.loss_sum(s) * w, slices, params, 1 / n_units) / n_units
-                continue
-            batch_loss = task.loss_sum(b) * w
-            # × ranks: DDP/FSDP average the ranks' gradients, and the average of N·(partial) is the sum
-            (batch_loss / n_units * dist.world_size).backward()
-            step_loss += batch_loss.item() / n_units
+            # × ranks: DDP/FSDP average the ranks' gradients, and the average of N·(partial) is the sum;
+            # on CPU the rows may run as slices side by side (train/cores.py), gradients added in slice order
+            batch_loss = batch_backward(lambda s, w=w: task.loss_sum(s) * w, b, params, n_units, dist.world_size,
+                                        cores, task.split)
+            step_loss += batch_loss / n_units
         step_loss, n_tokens = dist.all_sum(step_loss, n_tokens)
         n_tokens = int(n_tokens)
         tokens += n_tokens

@@ -25,7 +25,14 @@ from lorakit.model import load_model, load_tokenizer, quiet_weight_bars, resolve
 from lorakit.train import fastpath, precision
 from lorakit.train.causal_loss import evaluate, shifted_hidden, shifted_logits
 from lorakit.train.compile import compile_layers
-from lorakit.train.cores import MIN_SLICE_TOKENS, CoreSplit, core_split, slice_count
+from lorakit.train.cores import (
+    MIN_SLICE_TOKENS,
+    CoreSplit,
+    batch_backward,
+    core_split,
+    slice_count,
+    split_rows,
+)
 from lorakit.train.fused_loss import fused_head, linear_cross_entropy
 
 
@@ -129,15 +136,12 @@ class CausalLMTask:
         """(wall, CPU) seconds for forward and backward of the probe micro-batches in bf16 or fp32; no trace left."""
         self.bf16, self.pad_multiple = bf16, precision.pad_multiple(bf16, next(self.model.parameters()).device)
         batches = [self.collate(ids) for ids in self._probe_batches()]
-        cores, params = self._probe_cores, [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
 
         def run() -> None:
             for b in batches:
-                slices = self.split(b, cores.parts) if cores is not None else None
-                if slices:
-                    cores.backward(self.loss_sum, slices, params, 1 / max(1, self.count(b)))
-                else:
-                    (self.loss_sum(b) / max(1, self.count(b))).backward()
+                batch_backward(self.loss_sum, b, params, max(1, self.count(b)), cores=self._probe_cores,
+                               split=self.split)
 
         seconds = precision.timed(run)
         self.model.zero_grad(set_to_none=True)
@@ -160,14 +164,8 @@ class CausalLMTask:
         """``batch`` as up to ``parts`` row slices for the cores (``train/cores.py``), or None where slices
         run side by side would not compute what the whole batch does (``_split_plan``: random draws, a
         compiled or checkpointed model, a quantized base), would cost k copies of every weight's gradient
-        (full fine-tuning) or would be too small to be worth a thread (``slice_count``). The slices keep the
-        batch's padded width: equal shapes, equal work per core."""
-        rows = batch["input_ids"].shape[0]
-        parts = slice_count(rows, batch["input_ids"].numel(), min(parts, self.slices))
-        if parts < 2:
-            return None
-        bounds = [i * rows // parts for i in range(parts + 1)]
-        return [{k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items()} for i in range(parts)]
+        (full fine-tuning) or would be too small to be worth a thread (``split_rows``)."""
+        return split_rows(batch, min(parts, self.slices)) if self.slices > 1 else None
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.head is None:
